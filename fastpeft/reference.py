@@ -1,0 +1,55 @@
+"""The op's math in plain PyTorch (DESIGN.md section 1); autograd does the backward.
+
+This is the definition every backend is checked against.  It is deliberately simple: it forms
+the dropped-out copy of x and lets autograd save whatever it needs.  ``fastpeft.peft_linear``
+with ``backend="reference"`` computes the same function with a hand-written backward that saves
+no mask (see ``fastpeft.backends.reference``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .mask import check_seed, draw_seed, keep_mask
+
+
+def sparse_delta(sparse_index: torch.Tensor, sparse_value: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Dense [n, k] matrix S with S.view(-1)[sparse_index] = sparse_value (differentiable in value)."""
+    dense = torch.zeros(n * k, dtype=sparse_value.dtype, device=sparse_value.device)
+    return dense.index_put((sparse_index,), sparse_value).view(n, k)
+
+
+def dropout_with_mask(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout of a [M, K] tensor with the counter-based mask of fastpeft.mask."""
+    if p == 0.0:
+        return x2d
+    keep = keep_mask(seed, p, x2d.shape[0], x2d.shape[1], device=x2d.device)
+    return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
+
+
+def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.0, lora_dropout=0.0,
+                dropout_seed=None, ia3_in=None, ia3_out=None, sparse_index=None, sparse_value=None,
+                backend=None):
+    """Reference fused PEFT linear: y = ((x*ia3_in)(W+S)^T + b) * ia3_out + s * (drop(x) A^T) B^T.
+
+    Same signature as ``fastpeft.peft_linear``; ``backend`` is accepted and ignored.  Adapters
+    are used in x's precision; the output has x's dtype.
+    """
+    dt = x.dtype
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    h = x2d * ia3_in.to(dt) if ia3_in is not None else x2d
+    w = weight
+    if sparse_index is not None:
+        w = w + sparse_delta(sparse_index, sparse_value.to(dt), n, k)
+    z = F.linear(h, w, bias.to(dt) if bias is not None else None)
+    if ia3_out is not None:
+        z = z * ia3_out.to(dt)
+    if lora_A is not None:
+        p = float(lora_dropout)
+        if p > 0.0 and dropout_seed is None:
+            dropout_seed = draw_seed()
+        xd = dropout_with_mask(x2d, p, check_seed(dropout_seed) if p > 0 else 0)
+        z = z + lora_scale * ((xd @ lora_A.to(dt).t()) @ lora_B.to(dt).t())
+    return z.reshape(*lead, n)
