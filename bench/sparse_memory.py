@@ -3,9 +3,10 @@
     python bench/sparse_memory.py                       # the issue's table: N=K=4096, M=2048, fp32 CPU
     python bench/sparse_memory.py --n 512 --k 384 --m 256 --repeats 2   # a quick smoke run
     python bench/sparse_memory.py --json sparse.json
+    python bench/sparse_memory.py --backends cpp --no-memory --breakdown   # where the cpp time goes
 
-For each density and mask structure (unstructured, b x b blocks) it compares, on the same
-weight, input and mask:
+For each density and mask structure (unstructured, b x b blocks; masks from "random" selection,
+the selection rule does not change the cost) it compares, on the same weight, input and mask:
 
 - ``frozen base``: ``F.linear(x, W)`` with W frozen and x requiring grad (forward + dX).
 - ``fastpeft[<backend>]``: ``fastpeft.peft_linear(x, W, sparse_index=, sparse_value=)``.
@@ -18,7 +19,8 @@ Memory: each case runs in a fresh subprocess with glibc told to mmap every alloc
 64 KiB and to trim eagerly (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), so the
 resident set follows live tensors.  After two warm-up steps the kernel's peak-RSS counter is
 reset (``/proc/self/clear_refs`` = 5) and one step runs; its growth is VmHWM - VmRSS before the
-step (median of 3).  "extra" is that growth minus the frozen base's growth.
+step (the largest of 3 steps; 1 warm-up and 1 step for a slow method).  "extra" is that growth
+minus the frozen base's growth.
 
 Time: every method of one case is timed in this process, interleaved round by round (the order
 rotates each round), and the medians are compared: "x base" = method / frozen base.
@@ -207,16 +209,16 @@ def _reset_peak() -> None:
 def measure_memory_child(spec: dict) -> dict:
     case = Case(spec["n"], spec["k"], spec["m"], spec["density"], spec["block"])
     method = build(spec["method"], case)
-    for _ in range(2):  # warm-up: thread pools, lazy imports, kernel caches
+    for _ in range(spec.get("warmup", 2)):  # warm-up: thread pools, lazy imports, kernel caches
         method.step(case)
     growths = []
-    for _ in range(3):
+    for _ in range(spec.get("measure", 3)):
         gc.collect()
         _reset_peak()
         before = _status_kib("VmRSS")
         method.step(case)
         growths.append((_status_kib("VmHWM") - before) / 1024.0)
-    return {"growth_mib": statistics.median(growths), "all_mib": growths}
+    return {"growth_mib": max(growths), "all_mib": growths}
 
 
 def measure_memory(spec: dict) -> float | None:
@@ -233,22 +235,59 @@ def measure_memory(spec: dict) -> float | None:
 # ----------------------------------------------------------------------------- timing
 
 
-def measure_time(case, methods, repeats):
+def measure_time(case, methods, repeats, slow_repeats=1, slow_factor=4.0):
+    """Median fwd / bwd / fwd+bwd per method, rounds interleaved.
+
+    A method whose warm-up step takes more than ``slow_factor`` times the base's (the reference
+    backend's gather-based SDDMM at high density) runs only in the first ``slow_repeats`` rounds.
+    """
     built = [build(name, case) for name in methods]
-    for meth in built:  # warm-up
+    warm = []
+    for meth in built:
+        t0 = time.perf_counter()
         meth.step(case)
+        warm.append(time.perf_counter() - t0)
+    rounds = {meth.name: repeats if w <= slow_factor * warm[0] else min(repeats, slow_repeats)
+              for meth, w in zip(built, warm)}
     timings = {meth.name: [] for meth in built}
     for rnd in range(repeats):
         order = built[rnd % len(built):] + built[:rnd % len(built)]
         for meth in order:
-            meth.step(case, timings[meth.name])
+            if rnd < rounds[meth.name]:
+                meth.step(case, timings[meth.name])
     out = {}
     for meth in built:
         fwd = statistics.median(t[0] for t in timings[meth.name])
         bwd = statistics.median(t[1] for t in timings[meth.name])
         total = statistics.median(t[0] + t[1] for t in timings[meth.name])
-        out[meth.name] = {"fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "total_ms": total * 1e3, "nnz": meth.nnz}
+        out[meth.name] = {"fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "total_ms": total * 1e3, "nnz": meth.nnz,
+                          "rounds": rounds[meth.name]}
     return out
+
+
+# ----------------------------------------------------------------------------- breakdown
+
+
+def breakdown(case, repeats):
+    """Where the cpp backend's sparse time goes: each sparse kernel alone vs the dense GEMMs."""
+    ops = torch.ops.fastpeft_cpp
+    x, w, gy, idx, val = case.x.detach(), case.weight, case.grad_y, case.index, case.values.detach()
+    parts = {
+        "gemm x W^T (fwd)": lambda: x @ w.t(),
+        "gemm gy W (dX)": lambda: gy @ w,
+        "sparse_matmul (fwd)": lambda: ops.sparse_matmul(x, idx, val, case.n),
+        "sparse_matmul_t (dX)": lambda: ops.sparse_matmul_t(gy, idx, val, case.k),
+        "sddmm (d values)": lambda: ops.sddmm(gy, x, idx),
+    }
+    for fn in parts.values():
+        fn()
+    samples = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -264,8 +303,12 @@ def main(argv=None):
     ap.add_argument("--backends", default=None,
                     help="comma list of fastpeft backends (default: cpp if available, and reference)")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per case (medians)")
+    ap.add_argument("--slow-repeats", type=int, default=1,
+                    help="rounds for a method whose warm-up step is > 4x the base's")
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurement")
     ap.add_argument("--no-shira", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the cpp backend's sparse kernels alone against the dense GEMMs")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -293,7 +336,7 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, backends {backends}")
     print(f"# memory target: extra <= {mem_limit:.1f} MiB (10% of the {dense_grad_mib:.0f} MiB dense grad); "
           f"time target: fwd+bwd <= 1.5x base at 1% density; timing medians of {args.repeats} interleaved rounds")
-    rows = []
+    rows, slow_notes = [], []
     header = (f"| {'density':>7} | {'mask':<8} | {'method':<20} | {'nnz':>8} | {'fwd ms':>8} | {'bwd ms':>8} | "
               f"{'fwd+bwd ms':>10} | {'x base':>6} | {'step peak MiB':>13} | {'extra MiB':>9} | {'targets':<11} |")
     print(header)
@@ -301,15 +344,17 @@ def main(argv=None):
     for block in structures:
         for density in densities:
             case = Case(args.n, args.k, args.m, density, block)
-            times = measure_time(case, methods, args.repeats)
+            times = measure_time(case, methods, args.repeats, args.slow_repeats)
             del case
             gc.collect()
             base_growth = None
             for name in methods:
                 growth = None
                 if not args.no_memory:
+                    slow = times[name]["rounds"] < args.repeats
                     growth = measure_memory({"n": args.n, "k": args.k, "m": args.m, "density": density,
-                                             "block": block, "method": name})
+                                             "block": block, "method": name,
+                                             "warmup": 1 if slow else 2, "measure": 1 if slow else 3})
                 if name == BASE:
                     base_growth = growth
                 t = times[name]
@@ -325,11 +370,34 @@ def main(argv=None):
                        "nnz": t["nnz"], "fwd_ms": t["fwd_ms"], "bwd_ms": t["bwd_ms"], "total_ms": t["total_ms"],
                        "ratio": ratio, "step_peak_mib": growth, "extra_mib": extra, "targets": verdict}
                 rows.append(row)
+                if t["rounds"] < args.repeats:
+                    slow_notes.append(f"{density * 100:.1f}% {row['mask']} {name}: {t['rounds']} timed round(s)")
                 fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
                 print(f"| {density * 100:>6.1f}% | {row['mask']:<8} | {name:<20} | {t['nnz'] or '-':>8} | "
                       f"{t['fwd_ms']:>8.1f} | {t['bwd_ms']:>8.1f} | {t['total_ms']:>10.1f} | {ratio:>5.2f}x | "
                       f"{fmt(growth, '13.1f'):>13} | {fmt(extra, '9.1f') if name != BASE else '-':>9} | "
                       f"{verdict:<11} |", flush=True)
+    for note in slow_notes:
+        print(f"# slow method, fewer rounds: {note}")
+    if args.breakdown and "cpp" in available:
+        from fastpeft.backends import cpp as cpp_backend
+
+        cpp_backend.build()
+        print("\n# cpp sparse kernels alone (medians, ms; % of one dense GEMM x W^T)")
+        names = None
+        for block in structures:
+            for density in densities:
+                case = Case(args.n, args.k, args.m, density, block)
+                parts = breakdown(case, args.repeats)
+                if names is None:
+                    names = list(parts)
+                    print("| density | mask     | " + " | ".join(f"{n:>20}" for n in names) + " |")
+                    print("|---------|----------|" + "|".join("-" * 22 for _ in names) + "|")
+                gemm = parts[names[0]]
+                cells = [f"{v:>9.1f} ({100 * v / gemm:>5.1f}%)" for v in parts.values()]
+                mask = f"{block}x{block}" if block else "unstruct"
+                print(f"| {density * 100:>6.1f}% | {mask:<8} | " + " | ".join(f"{c:>20}" for c in cells) + " |",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"n": args.n, "k": args.k, "m": args.m, "backends": backends, "rows": rows}, f, indent=1)

@@ -83,31 +83,45 @@ Tensor sparse_row_pointers(const Tensor& index_in, int64_t n, int64_t k) {
   return rowptr;
 }
 
-// out[m, n] += sum_{j in row n} value[j] * h[m, col_j]
+// out[m, n] += sum_{j in row n} value[j] * h[m, col_j]: the block's results go to a transposed
+// [N, MB] buffer (one vector store per row of S) and are added to out row by row at the end, so
+// out is never written with a stride of N.
 template <typename T>
 static void sparse_matmul_kernel(T* out, const T* h, int64_t M, int64_t N, int64_t K, const int64_t* idx,
                                  const float* val, const int64_t* rowptr) {
   const int64_t blocks = (M + MB - 1) / MB;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> ht(static_cast<size_t>(K * MB));
+    std::vector<float> ot(static_cast<size_t>(N * MB));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * MB, rows = std::min(MB, M - m0);
       transpose_block(h, m0, rows, K, 0, K, nullptr, ht.data(), MB);
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t j0 = rowptr[n], j1 = rowptr[n + 1];
-        if (j0 == j1) continue;
-        float acc[MB] = {0.f};
-        const int64_t base = n * K;
-        for (int64_t j = j0; j < j1; ++j) {
+        // Four independent accumulators: one chain of dependent FMAs would be latency-bound.
+        float acc[4][MB] = {};
+        const int64_t base = n * K, j0 = rowptr[n], j1 = rowptr[n + 1];
+        int64_t j = j0;
+        for (; j + 4 <= j1; j += 4) {
+          for (int u = 0; u < 4; ++u) {
+            const float v = val[j + u];
+            const float* hc = ht.data() + (idx[j + u] - base) * MB;
+#pragma omp simd
+            for (int64_t i = 0; i < MB; ++i) acc[u][i] += v * hc[i];
+          }
+        }
+        for (; j < j1; ++j) {
           const float v = val[j];
           const float* hc = ht.data() + (idx[j] - base) * MB;
 #pragma omp simd
-          for (int64_t i = 0; i < MB; ++i) acc[i] += v * hc[i];
+          for (int64_t i = 0; i < MB; ++i) acc[0][i] += v * hc[i];
         }
-        for (int64_t i = 0; i < rows; ++i) {
-          T& o = out[(m0 + i) * N + n];
-          o = static_cast<T>(to_float(o) + acc[i]);
-        }
+        float* o = ot.data() + n * MB;
+#pragma omp simd
+        for (int64_t i = 0; i < MB; ++i) o[i] = (acc[0][i] + acc[1][i]) + (acc[2][i] + acc[3][i]);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        T* o = out + (m0 + i) * N;
+        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<T>(to_float(o[n]) + ot[n * MB + i]);
       }
     }
   });

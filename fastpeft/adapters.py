@@ -178,7 +178,8 @@ def backend_unavailable(name: str, device: torch.device) -> Optional[str]:
         except ImportError:
             return "backend 'triton' needs the missing package 'triton'"
         if device.type == "cpu" and not _interpreting():
-            return "Triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before importing fastpeft"
+            return ("Triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before "
+                    "importing fastpeft")
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on {device}"
         return None
@@ -310,10 +311,10 @@ def bottleneck_adapter(h: Tensor, down_weight: Tensor, down_bias: Optional[Tenso
     """
     _check_args(h, down_weight, down_bias, up_weight, up_bias)
     code = activation_code(activation)
-    if backend is None or backend == "auto":
-        backend = _resolve(backend, h.device).name  # resolved once, outside the op, so compile sees a constant
+    if torch.compiler.is_compiling():
+        backend = backend or "auto"  # resolved inside the (opaque) op: availability checks do not trace
     else:
-        _resolve(backend, h.device)  # raise the clear error before entering the op
+        backend = _resolve(backend, h.device).name  # the clear error, before entering the op
     lead, d = h.shape[:-1], h.shape[-1]
     h2d = h.reshape(-1, d).contiguous()
     trains = any(t is not None and t.requires_grad for t in (h, down_weight, down_bias, up_weight, up_bias))

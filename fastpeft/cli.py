@@ -15,7 +15,7 @@ def _check(args) -> int:
         from .aot import compile_all
 
         targets = [t.strip() for t in args.compile.split(",") if t.strip()]
-        rows = compile_all(targets)
+        rows = compile_all(targets, coverage=getattr(args, "compile_coverage", "full"))
         print(f"\nTriton ahead-of-time compile for {', '.join(targets)}: {len(rows)} kernel variants")
         failed = [row for row in rows if not row["ok"]]
         for row in failed:
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--compile", metavar="TARGETS",
                        help="also compile every Triton kernel ahead of time for these targets, e.g. sm_80,sm_90 "
                             "(no GPU needed)")
+    check.add_argument("--compile-coverage", choices=("full", "quick"), default="full",
+                       help="full: every flag combination, dtype and autotune config (slow: hundreds of "
+                            "kernels per target); quick: each kernel once per dtype with every path on")
     return parser
 
 

@@ -121,25 +121,25 @@ def _convert_lora(name: str, layer, backend: Optional[str]) -> PEFTLinear:
     return new
 
 
-def _convert_ia3(name: str, layer, backend: Optional[str], reshaped: list) -> PEFTLinear:
+def _convert_ia3(name: str, layer, backend: Optional[str]):
     adapter = _single_adapter(name, layer, layer.ia3_l, "IA3")
-    vec = layer.ia3_l[adapter]
     base = layer.base_layer
     new = IA3Linear(base.weight, base.bias)
     new.backend = backend
-    # peft stores [1, K] (feed-forward, scales inputs) or [N, 1] (scales outputs); fastpeft's op takes
-    # [K] / [N].  Reshape the data of the same Parameter object (a view, no copy).
+    # The vector is attached (and reshaped) only once every layer has passed its checks.
+    return new, layer.ia3_l[adapter], "ia3_in" if layer.is_feedforward else "ia3_out"
+
+
+def _attach_ia3(new: PEFTLinear, vec: nn.Parameter, attr: str) -> tuple:
+    # peft stores [1, K] (feed-forward, scales inputs) or [N, 1] (scales outputs); fastpeft's op
+    # takes [K] / [N].  Reshape the data of the same Parameter object (a view, no copy).
     old_shape = tuple(vec.shape)
     with torch.no_grad():
         vec.data = vec.data.reshape(-1)
         if vec.grad is not None:
             vec.grad = vec.grad.reshape(-1)
-    reshaped.append((vec, old_shape))
-    if layer.is_feedforward:
-        new.ia3_in = vec
-    else:
-        new.ia3_out = vec
-    return new
+    setattr(new, attr, vec)
+    return vec, old_shape
 
 
 def _reshape_optimizer_state(optimizer, reshaped) -> None:
@@ -198,13 +198,17 @@ def from_peft(peft_model: nn.Module, *, backend: Optional[str] = None, optimizer
         base = getattr(module, "base_layer", None)
         plain_base = isinstance(base, nn.Linear) and not fan_in_fan_out and not isinstance(base, BaseTunerLayer)
         if type(module) is peft_lora.Linear and plain_base:
-            replacements.append((name, _convert_lora(name, module, backend)))
+            replacements.append((name, _convert_lora(name, module, backend), None))
         elif type(module) is peft_ia3.Linear and plain_base:
-            replacements.append((name, _convert_ia3(name, module, backend, reshaped)))
+            new, vec, attr = _convert_ia3(name, module, backend)
+            replacements.append((name, new, (vec, attr)))
         else:
             left.append(f"{name} ({type(module).__module__}.{type(module).__name__} on "
                         f"{type(base).__name__}{', fan_in_fan_out' if fan_in_fan_out else ''})")
-    for name, new in replacements:
+    # Every layer passed its checks: only now is anything changed.
+    for name, new, ia3 in replacements:
+        if ia3 is not None:
+            reshaped.append(_attach_ia3(new, *ia3))
         old = root.get_submodule(name)
         new.train(old.training)
         _set_submodule(root, name, new)
@@ -410,8 +414,8 @@ def _read_checkpoint(directory: Path) -> dict:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or adapter_model.bin) in {directory}")
 
 
-def _layer_at(model: nn.Module, path: str, backend: Optional[str]) -> PEFTLinear:
-    """The fastpeft layer at ``path``, replacing a plain nn.Linear there (weight/bias reused, frozen)."""
+def _layer_at(model: nn.Module, path: str, backend: Optional[str], cls=PEFTLinear) -> PEFTLinear:
+    """The fastpeft layer at ``path``, replacing a plain nn.Linear there by a ``cls`` (weight/bias reused, frozen)."""
     try:
         module = model.get_submodule(path)
     except AttributeError:
@@ -420,7 +424,7 @@ def _layer_at(model: nn.Module, path: str, backend: Optional[str]) -> PEFTLinear
         return module
     if type(module) is not nn.Linear:
         raise TypeError(f"{path}: the checkpoint adapts a {type(module).__name__}; fastpeft adapts nn.Linear only")
-    layer = PEFTLinear(module.weight, module.bias, backend=backend)
+    layer = cls(module.weight, module.bias, backend=backend)
     layer.weight.requires_grad_(False)
     if layer.bias is not None:
         layer.bias.requires_grad_(False)
@@ -506,7 +510,7 @@ def _load_lora(model, config, state, backend):
         A, B = ab["lora_A"], ab["lora_B"]
         r = int(A.shape[0])
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8)))
-        layer = _layer_at(model, path, backend)
+        layer = _layer_at(model, path, backend, LoRALinear)
         if layer.lora_A is None:
             layer.add_lora(r, alpha, dropout, use_rslora)
         elif layer.r != r:
@@ -547,7 +551,7 @@ def _load_ia3(model, config, state, backend):
         if not key.endswith(".ia3_l"):
             raise ValueError(f"checkpoint key {key!r} is not an IA3 tensor fastpeft understands")
         path = key[:-len(".ia3_l")]
-        layer = _layer_at(model, path, backend)
+        layer = _layer_at(model, path, backend, IA3Linear)
         # peft: feed-forward layers hold [1, K] (input scales), the others [N, 1] (output scales).
         position = "in" if _is_feedforward(path, feedforward) else "out"
         expected = (1, layer.in_features) if position == "in" else (layer.out_features, 1)

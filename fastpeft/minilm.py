@@ -48,7 +48,13 @@ def load_minilm(dtype: torch.dtype = torch.float32):
     # Never reach for the Hub: everything is local.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a weight-loading bar per call is noise here
+    try:
+        model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     model.eval()
     return model, tokenizer

@@ -50,7 +50,7 @@ class MemoryProfile(dict):
     def format(self) -> str:
         """The profile as a table: saved bytes per layer, then totals and the peak."""
         rows = [(name or "(top level)", nbytes) for name, nbytes in self["saved_bytes_by_layer"].items()]
-        width = max([len("layer")] + [len(name) for name, _ in rows])
+        width = max([len("total saved")] + [len(name) for name, _ in rows])
         lines = [f"{'layer':<{width}}  {'saved for backward':>18}"]
         lines.append("-" * (width + 20))
         for name, nbytes in rows:
@@ -86,8 +86,15 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
 
 
 def _storage_key(t: torch.Tensor):
-    storage = t.untyped_storage()
-    return (t.device.type, t.device.index, storage.data_ptr()), storage.nbytes()
+    """(identity of the memory a tensor keeps alive, its size in bytes)."""
+    if t.layout == torch.strided:
+        storage = t.untyped_storage()
+        return (t.device.type, t.device.index, storage.data_ptr()), storage.nbytes()
+    if t.is_sparse:  # COO: its indices and values
+        idx, val = t._indices(), t._values()
+        return (t.device.type, t.device.index, val.untyped_storage().data_ptr()), (
+            idx.untyped_storage().nbytes() + val.untyped_storage().nbytes())
+    return ("other", id(t)), t.numel() * t.element_size()  # other layouts: their logical size
 
 
 def _modules_of(fn: Any) -> Optional[nn.Module]:
@@ -172,7 +179,8 @@ def profile_memory(fn_or_module: Callable, *inputs: Any, backward: bool = True,
             that module, for per-layer attribution and parameter exclusion).
         *inputs, **kwargs: passed to it.
         backward: also run ``sum(outputs).backward()`` (every floating output tensor that
-            requires grad); the peak then covers forward and backward.
+            requires grad); the peak then covers forward and backward.  Gradients accumulate
+            into ``.grad`` as with any backward.
         exclude: extra tensors whose storage is not an activation (e.g. the weights a plain
             function closes over); parameters and buffers of a module, and any
             ``nn.Parameter``, are always excluded.

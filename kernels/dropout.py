@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.mask import check_seed, keep_threshold
+from fastpeft.mask import check_seed, keep_threshold, split_seed
 
 from . import _config
 
@@ -30,28 +30,37 @@ def _mix32(v):
 
 
 @triton.jit
-def keep_bits(offsets, seed, threshold):
+def keep_bits(offsets, key_lo, key_hi, threshold):
     """True where dropout keeps the element at int64 ``offsets`` (any shape).
 
     h = mix32(mix32(off_lo ^ key_lo) ^ (off_hi * 0x9E3779B9 + key_hi));  keep = h >= threshold,
-    with key = seed split in 32-bit words and threshold = floor(p * 2**32).
+    with the seed's 32-bit words and threshold = floor(p * 2**32) passed as int32 bit patterns
+    (``mask_args``), so every launch has the same argument types whatever the seed.
     """
-    seed64 = seed.to(tl.int64)  # a small seed arrives as i32: widen before shifting by 32
-    key_lo = (seed64 & 0xFFFFFFFF).to(tl.uint32)
-    key_hi = (seed64 >> 32).to(tl.uint32)
     off_lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
     off_hi = (offsets >> 32).to(tl.uint32)
-    h = _mix32(off_lo ^ key_lo)
-    h = _mix32(h ^ (off_hi * tl.full(off_hi.shape, 0x9E3779B9, tl.uint32) + key_hi))
-    return h >= threshold.to(tl.int64).to(tl.uint32)
+    h = _mix32(off_lo ^ key_lo.to(tl.uint32, bitcast=True))
+    h = _mix32(h ^ (off_hi * tl.full(off_hi.shape, 0x9E3779B9, tl.uint32) + key_hi.to(tl.uint32, bitcast=True)))
+    return h >= threshold.to(tl.uint32, bitcast=True)
+
+
+def as_int32(word: int) -> int:
+    """The int32 with the bit pattern of a uint32 ``word`` (kernel arguments are typed by value)."""
+    return word - (1 << 32) if word >= (1 << 31) else word
+
+
+def mask_args(seed: int, p: float) -> tuple[int, int, int]:
+    """(key_lo, key_hi, threshold) as int32 bit patterns for ``keep_bits``."""
+    key_lo, key_hi = split_seed(seed)
+    return as_int32(key_lo), as_int32(key_hi), as_int32(keep_threshold(p))
 
 
 @triton.jit
-def keep_mask_kernel(out_ptr, offset_base, numel, seed, threshold, BLOCK: tl.constexpr):
+def keep_mask_kernel(out_ptr, offset_base, numel, key_lo, key_hi, threshold, BLOCK: tl.constexpr):
     # out[i] = keep(offset_base + i): exposes the in-kernel mask so tests compare it bit for bit.
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = idx < numel
-    keep = keep_bits(offset_base.to(tl.int64) + idx, seed, threshold)
+    keep = keep_bits(offset_base.to(tl.int64) + idx, key_lo, key_hi, threshold)
     tl.store(out_ptr + idx, keep.to(tl.int8), mask=live)
 
 
@@ -70,12 +79,12 @@ def keep_mask(seed: int, p: float, rows: int, cols: int, offset_base: int = 0, d
     out = torch.empty(rows * cols, dtype=torch.int8, device=device)
     if out.numel():
         grid = (triton.cdiv(out.numel(), MASK_BLOCK),)
-        keep_mask_kernel[grid](out, offset_base, out.numel(), seed, keep_threshold(p), BLOCK=MASK_BLOCK)
+        keep_mask_kernel[grid](out, offset_base, out.numel(), *mask_args(seed, p), BLOCK=MASK_BLOCK)
     return out.view(rows, cols).bool()
 
 
 def aot_variants(dtypes):
     """The one compiled form of the mask kernel (it has no dtype or flag variants)."""
-    sig = {"out_ptr": "*i8", "offset_base": "i64", "numel": "i64", "seed": "i64", "threshold": "i64",
-           "BLOCK": "constexpr"}
+    sig = {"out_ptr": "*i8", "offset_base": "i64", "numel": "i64", "key_lo": "i32", "key_hi": "i32",
+           "threshold": "i32", "BLOCK": "constexpr"}
     yield _config.Variant("keep_mask", keep_mask_kernel, sig, {"BLOCK": MASK_BLOCK}, 4, 1)

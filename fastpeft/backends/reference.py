@@ -98,7 +98,7 @@ def forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, spar
 def backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
              xa, z, lora_scale, p, seed, needs):
     need_x, need_w, need_b, need_a, need_bb, need_in, need_out, need_val = needs
-    dt = x.dtype
+    dt = grad_y.dtype  # x's dtype; x itself is None when only dX is needed (ops.py does not save it)
     n, k = weight.shape
     gx = gw = gb = ga = gbb = gin = gout = gval = None
     gz = grad_y * ia3_out.to(dt) if ia3_out is not None else grad_y
@@ -106,7 +106,7 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_in
         gout = (_wide(grad_y) * _wide(z)).sum(0).to(ia3_out.dtype)
     if need_b:
         gb = _wide(gz).sum(0).to(bias.dtype)
-    h = x * ia3_in.to(dt) if ia3_in is not None else x
+    h = x * ia3_in.to(dt) if ia3_in is not None and x is not None else x
     if need_w:
         gw = (gz.t() @ h).to(weight.dtype)
     if need_val:

@@ -1,0 +1,537 @@
+// The fused PEFT linear op on CPU (DESIGN.md section 1):
+//
+//   h = x * ia3_in;   z = h (W + S)^T + bias;   y = z * ia3_out + s * (drop(x) A^T) B^T
+//
+// The frozen GEMMs go to at::addmm / at::mm (MKL / oneDNN; nothing hand-written beats them), and
+// the work around them is fused: the bias is addmm's beta term, the low-rank product is formed
+// rank-first (x A^T is [M, r]) and accumulated into y in place by addmm_, the dropout mask is
+// regenerated inside the loop that applies it (never stored), and each backward elementwise step
+// (IA3 scaling, bias / IA3 reductions) is one pass over data the pass already reads.
+#include "dense.h"
+
+#include <type_traits>
+#include <vector>
+
+#include "dropout_mask.h"
+#include "sparse.h"
+
+namespace fastpeft {
+
+namespace {
+
+template <typename F>
+void bool_dispatch(bool v, F&& f) {
+  if (v) f(std::true_type{});
+  else f(std::false_type{});
+}
+
+// ---- dropout -----------------------------------------------------------------------------------
+
+// out[m, k] = keep(m*K + k) ? x[m, k] * scale : 0
+template <typename T>
+void dropout_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t M, int64_t K, DropoutKey key, float scale) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
+      const T* xr = x + m * K;
+      T* o = out + m * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = to_float(xr[k]) * scale;
+        o[k] = static_cast<T>(key.keep(base + k) ? v : 0.f);
+      }
+    }
+  });
+}
+
+// out[m, k] += keep(m*K + k) ? t[m, k] * scale : 0   (the dropped LoRA term of dX)
+template <typename T>
+void dropout_add_kernel(T* __restrict__ out, const T* __restrict__ t, int64_t M, int64_t K, DropoutKey key,
+                        float scale) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
+      const T* tr = t + m * K;
+      T* o = out + m * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const float tv = to_float(tr[k]) * scale;  // loaded unconditionally so the loop vectorises
+        const float add = key.keep(base + k) ? tv : 0.f;
+        o[k] = static_cast<T>(to_float(o[k]) + add);
+      }
+    }
+  });
+}
+
+// xa[m, j] = sum_k drop(x)[m, k] * A[j, k]: the LoRA down-projection with the mask applied while
+// x is read (no dropped copy of x in memory).  RB rows of x are dropped into an L1/L2-resident
+// float buffer, then each pair of A rows is dotted against them with RB x 2 vector accumulators
+// (one load of A feeds RB FMAs).
+constexpr int64_t RB = 4;
+constexpr int64_t VW = 16;  // floats per accumulator vector
+
+template <typename T, bool DROP>
+void lora_down_dropout_kernel(const T* __restrict__ x, const float* __restrict__ a, T* __restrict__ xa, int64_t M,
+                              int64_t K, int64_t r, DropoutKey key, float scale) {
+  const int64_t blocks = (M + RB - 1) / RB;
+  const int64_t k_main = K - K % VW;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> xb(static_cast<size_t>(RB * K));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * RB, rows = std::min(RB, M - m0);
+      for (int64_t i = 0; i < RB; ++i) {
+        float* dst = xb.data() + i * K;
+        if (i >= rows) {
+          std::fill(dst, dst + K, 0.f);
+          continue;
+        }
+        const uint64_t base = static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(K);
+        const T* src = x + (m0 + i) * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = to_float(src[k]) * scale;
+          if constexpr (DROP) dst[k] = key.keep(base + k) ? v : 0.f;
+          else dst[k] = v;
+        }
+      }
+      for (int64_t j0 = 0; j0 < r; j0 += 2) {
+        const int64_t nj = std::min<int64_t>(2, r - j0);
+        const float* a0 = a + j0 * K;
+        const float* a1 = a + (j0 + nj - 1) * K;  // == a0 when r is odd: computed, not stored
+        float acc[RB][2][VW] = {};
+        for (int64_t k0 = 0; k0 < k_main; k0 += VW) {
+#pragma GCC unroll 4
+          for (int64_t i = 0; i < RB; ++i) {
+            const float* xr = xb.data() + i * K + k0;
+#pragma omp simd
+            for (int64_t l = 0; l < VW; ++l) {
+              acc[i][0][l] += xr[l] * a0[k0 + l];
+              acc[i][1][l] += xr[l] * a1[k0 + l];
+            }
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          float s0 = 0.f, s1 = 0.f;
+          for (int64_t l = 0; l < VW; ++l) {
+            s0 += acc[i][0][l];
+            s1 += acc[i][1][l];
+          }
+          const float* xr = xb.data() + i * K;
+          for (int64_t k = k_main; k < K; ++k) {
+            s0 += xr[k] * a0[k];
+            s1 += xr[k] * a1[k];
+          }
+          xa[(m0 + i) * r + j0] = static_cast<T>(s0);
+          if (nj == 2) xa[(m0 + i) * r + j0 + 1] = static_cast<T>(s1);
+        }
+      }
+    }
+  });
+}
+
+// ---- backward passes over [M, N] and [M, K] ------------------------------------------------------
+
+// One pass over grad_y for every output-side gradient:
+//   gz = gy * l_out;   g_out[n] = sum_m gy[m, n] z[m, n];   g_bias[n] = sum_m gz[m, n]
+// Column sums go to per-chunk float partials (chunk c owns rows [c*M/C, (c+1)*M/C)) that are
+// added in a fixed order afterwards, so results do not depend on thread scheduling.
+template <typename T, bool HAS_L, bool WANT_GZ, bool WANT_OUT, bool WANT_B>
+void output_side_kernel(const T* gy, const float* l, const T* z, T* gz, float* partial, int64_t M, int64_t N,
+                        int64_t chunks) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* acc_out = partial + (2 * c) * N;
+      float* acc_b = partial + (2 * c + 1) * N;
+      for (int64_t m = c * M / chunks; m < (c + 1) * M / chunks; ++m) {
+        const T* g = gy + m * N;
+        const T* zr = WANT_OUT ? z + m * N : nullptr;
+        T* gzr = WANT_GZ ? gz + m * N : nullptr;
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) {
+          const float gv = to_float(g[n]);
+          const float gzv = HAS_L ? gv * l[n] : gv;
+          if constexpr (WANT_GZ) gzr[n] = static_cast<T>(gzv);
+          if constexpr (WANT_OUT) acc_out[n] += gv * to_float(zr[n]);
+          if constexpr (WANT_B) acc_b[n] += gzv;
+        }
+      }
+    }
+  });
+}
+
+// One pass over dh = dL/dh for the input-side gradients of IA3-in:
+//   g_in[k] = sum_m dh[m, k] x[m, k];   dx = dh * l_in (written over dh)
+template <typename T, bool WANT_GIN, bool WANT_GX>
+void input_side_kernel(T* dh, const T* x, const float* l, float* partial, int64_t M, int64_t K, int64_t chunks) {
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* acc = partial + c * K;
+      for (int64_t m = c * M / chunks; m < (c + 1) * M / chunks; ++m) {
+        T* d = dh + m * K;
+        const T* xr = WANT_GIN ? x + m * K : nullptr;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          const float dv = to_float(d[k]);
+          if constexpr (WANT_GIN) acc[k] += dv * to_float(xr[k]);
+          if constexpr (WANT_GX) d[k] = static_cast<T>(dv * l[k]);
+        }
+      }
+    }
+  });
+}
+
+// Sum of the [chunks, rows_per, width] partials' slot `slot` over chunks -> float [width].
+Tensor reduce_partials(const Tensor& partial, int64_t chunks, int64_t slots, int64_t slot, int64_t width) {
+  return partial.view({chunks, slots, width}).select(1, slot).sum(0);
+}
+
+struct OutputGrads {
+  Tensor gz, g_out, g_bias;
+};
+
+OutputGrads output_side_backward(const Tensor& gy, const OptTensor& l_out, const OptTensor& z, bool want_gz,
+                                 bool want_out, bool want_b) {
+  const int64_t M = gy.size(0), N = gy.size(1);
+  const bool has_l = present(l_out);
+  OutputGrads r;
+  want_gz = want_gz && has_l;  // without IA3-out, gz is grad_y itself
+  if (!want_gz && !want_out && !want_b) return r;
+  const int64_t chunks = reduction_chunks(M);
+  Tensor partial = at::zeros({chunks, 2, N}, gy.options().dtype(at::kFloat));
+  Tensor lf = has_l ? as_float_in(*l_out, gy.scalar_type()) : Tensor();
+  Tensor zc = want_out ? z->contiguous() : Tensor();
+  if (want_gz) r.gz = at::empty_like(gy);
+  FASTPEFT_DISPATCH(gy.scalar_type(), "output_side_backward", [&] {
+    bool_dispatch(has_l, [&](auto HL) {
+      bool_dispatch(want_gz, [&](auto GZ) {
+        bool_dispatch(want_out, [&](auto GO) {
+          bool_dispatch(want_b, [&](auto GB) {
+            output_side_kernel<scalar_t, decltype(HL)::value, decltype(GZ)::value, decltype(GO)::value,
+                               decltype(GB)::value>(
+                gy.data_ptr<scalar_t>(), has_l ? lf.data_ptr<float>() : nullptr,
+                want_out ? zc.data_ptr<scalar_t>() : nullptr, want_gz ? r.gz.data_ptr<scalar_t>() : nullptr,
+                partial.data_ptr<float>(), M, N, chunks);
+          });
+        });
+      });
+    });
+  });
+  if (want_out) r.g_out = reduce_partials(partial, chunks, 2, 0, N);
+  if (want_b) r.g_bias = reduce_partials(partial, chunks, 2, 1, N);
+  return r;
+}
+
+// Applies IA3-in's backward to dh in place (dh becomes dx when want_gx); returns g_in (float) if wanted.
+Tensor input_side_backward(Tensor& dh, const OptTensor& x, const Tensor& l_in, bool want_gin, bool want_gx) {
+  const int64_t M = dh.size(0), K = dh.size(1);
+  if (!want_gin && !want_gx) return Tensor();
+  const int64_t chunks = reduction_chunks(M);
+  Tensor partial = at::zeros({want_gin ? chunks : 1, K}, dh.options().dtype(at::kFloat));
+  Tensor lf = as_float_in(l_in, dh.scalar_type());
+  Tensor xc = want_gin ? x->contiguous() : Tensor();
+  FASTPEFT_DISPATCH(dh.scalar_type(), "input_side_backward", [&] {
+    bool_dispatch(want_gin, [&](auto GI) {
+      bool_dispatch(want_gx, [&](auto GX) {
+        input_side_kernel<scalar_t, decltype(GI)::value, decltype(GX)::value>(
+            dh.data_ptr<scalar_t>(), want_gin ? xc.data_ptr<scalar_t>() : nullptr, lf.data_ptr<float>(),
+            partial.data_ptr<float>(), M, K, chunks);
+      });
+    });
+  });
+  return want_gin ? partial.sum(0) : Tensor();
+}
+
+// dX += scale * drop(t) (mask regenerated inside the add).
+void dropout_add_(Tensor& out, const Tensor& t, double scale, double p, int64_t seed) {
+  const int64_t M = out.size(0), K = out.size(1);
+  const DropoutKey key(seed, p);
+  const float s = static_cast<float>(scale / (1.0 - p));
+  FASTPEFT_DISPATCH(out.scalar_type(), "dropout_add", [&] {
+    dropout_add_kernel<scalar_t>(out.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), M, K, key, s);
+  });
+}
+
+// [M, r] = drop(x) A^T with the mask applied in the loop that reads x.
+Tensor lora_down_dropout(const Tensor& x, const Tensor& lora_A, double p, int64_t seed) {
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  Tensor af = as_float_in(lora_A, x.scalar_type());
+  Tensor xa = at::empty({M, r}, x.options());
+  const DropoutKey key(seed, p);
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  FASTPEFT_DISPATCH(x.scalar_type(), "lora_down_dropout", [&] {
+    bool_dispatch(p > 0.0, [&](auto DROP) {
+      lora_down_dropout_kernel<scalar_t, decltype(DROP)::value>(x.data_ptr<scalar_t>(), af.data_ptr<float>(),
+                                                                xa.data_ptr<scalar_t>(), M, K, r, key, scale);
+    });
+  });
+  return xa;
+}
+
+// ---- argument checks (shared by the CPU and Meta implementations) -------------------------------
+
+struct Dims {
+  int64_t M, K, N, r;
+};
+
+Dims check_args(const Tensor& x_like, int64_t M, const Tensor& weight, const OptTensor& bias,
+                const OptTensor& lora_A, const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
+                const OptTensor& sparse_index, const OptTensor& sparse_value, double p, int64_t seed) {
+  TORCH_CHECK(weight.dim() == 2, "fastpeft_cpp: weight must be 2-D [out_features, in_features], got shape ",
+              weight.sizes());
+  check_compute_dtype(x_like, "x");
+  TORCH_CHECK(weight.scalar_type() == x_like.scalar_type(), "fastpeft_cpp: weight dtype ", weight.scalar_type(),
+              " must match x dtype ", x_like.scalar_type());
+  check_same_device(weight, x_like, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_adapter(bias, {N}, x_like, "bias");
+  TORCH_CHECK(present(lora_A) == present(lora_B), "fastpeft_cpp: lora_A and lora_B must be given together");
+  int64_t r = 0;
+  if (present(lora_A)) {
+    TORCH_CHECK(lora_A->dim() == 2 && lora_A->size(0) >= 1, "fastpeft_cpp: lora_A must be [r, ", K,
+                "] with r >= 1, got ", lora_A->sizes());
+    r = lora_A->size(0);
+    check_adapter(lora_A, {r, K}, x_like, "lora_A");
+    check_adapter(lora_B, {N, r}, x_like, "lora_B");
+    TORCH_CHECK(p >= 0.0 && p < 1.0, "fastpeft_cpp: lora_dropout p must be in [0, 1), got ", p);
+    TORCH_CHECK(p == 0.0 || seed >= 0, "fastpeft_cpp: dropout seed must be in [0, 2**63), got ", seed);
+  }
+  check_adapter(ia3_in, {K}, x_like, "ia3_in");
+  check_adapter(ia3_out, {N}, x_like, "ia3_out");
+  TORCH_CHECK(present(sparse_index) == present(sparse_value),
+              "fastpeft_cpp: sparse_index and sparse_value must be given together");
+  if (present(sparse_index)) {
+    TORCH_CHECK(sparse_index->scalar_type() == at::kLong && sparse_index->dim() == 1,
+                "fastpeft_cpp: sparse_index must be a 1-D int64 tensor, got ", sparse_index->scalar_type(),
+                " of shape ", sparse_index->sizes());
+    check_same_device(*sparse_index, x_like, "sparse_index");
+    check_adapter(sparse_value, {sparse_index->size(0)}, x_like, "sparse_value");
+  }
+  return {M, K, N, r};
+}
+
+void check_cpu_args(std::initializer_list<std::pair<const OptTensor*, const char*>> args) {
+  for (auto& a : args)
+    if (present(*a.first)) check_cpu(**a.first, a.second);
+}
+
+}  // namespace
+
+// ---- ops ------------------------------------------------------------------------------------------
+
+Tensor keep_mask(int64_t seed, double p, int64_t rows, int64_t cols, int64_t first_row) {
+  TORCH_CHECK(rows >= 0 && cols >= 0 && first_row >= 0,
+              "fastpeft_cpp: keep_mask: rows, cols and first_row must be >= 0, got ", rows, ", ", cols, ", ", first_row);
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fastpeft_cpp: keep_mask: p must be in [0, 1), got ", p);
+  TORCH_CHECK(seed >= 0, "fastpeft_cpp: keep_mask: seed must be in [0, 2**63), got ", seed);
+  Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
+  bool* o = out.data_ptr<bool>();
+  const DropoutKey key(seed, p);
+  at::parallel_for(0, rows, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint64_t base = static_cast<uint64_t>(first_row + m) * static_cast<uint64_t>(cols);
+      for (int64_t k = 0; k < cols; ++k) o[m * cols + k] = key.keep(base + k);
+    }
+  });
+  return out;
+}
+
+Tensor dropout(const Tensor& x_in, double p, int64_t seed) {
+  TORCH_CHECK(x_in.dim() == 2, "fastpeft_cpp: dropout: x must be 2-D [M, K], got shape ", x_in.sizes());
+  check_compute_dtype(x_in, "x");
+  check_cpu(x_in, "x");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fastpeft_cpp: dropout: p must be in [0, 1), got ", p);
+  TORCH_CHECK(seed >= 0, "fastpeft_cpp: dropout: seed must be in [0, 2**63), got ", seed);
+  Tensor x = x_in.contiguous();
+  Tensor out = at::empty_like(x);
+  const DropoutKey key(seed, p);
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  FASTPEFT_DISPATCH(x.scalar_type(), "dropout", [&] {
+    dropout_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1), key, scale);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                       const OptTensor& lora_A, const OptTensor& lora_B,
+                                                       const OptTensor& ia3_in, const OptTensor& ia3_out,
+                                                       const OptTensor& sparse_index, const OptTensor& sparse_value,
+                                                       double lora_scale, double p, int64_t seed, bool save_z) {
+  TORCH_CHECK(x.dim() == 2, "fastpeft_cpp: x must be 2-D [M, K], got shape ", x.sizes());
+  check_cpu(x, "x");
+  TORCH_CHECK(x.is_contiguous(), "fastpeft_cpp: x must be contiguous (fastpeft.peft_linear makes it so)");
+  const Dims d = check_args(x, x.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
+                            sparse_value, p, seed);
+  check_cpu(weight, "weight");
+  check_cpu_args({{&bias, "bias"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}, {&ia3_in, "ia3_in"},
+                  {&ia3_out, "ia3_out"}, {&sparse_index, "sparse_index"}, {&sparse_value, "sparse_value"}});
+  TORCH_CHECK(x.size(1) == d.K, "fastpeft_cpp: x must have shape [M, ", d.K, "] to match weight [", d.N, ", ",
+              d.K, "], got ", x.sizes());
+  const auto dt = x.scalar_type();
+
+  Tensor h = present(ia3_in) ? x * ia3_in->to(dt) : x;
+  // Bias as the GEMM's beta term (one pass for bias + product).
+  Tensor z = present(bias) ? at::addmm(bias->to(dt), h, weight.t()) : at::mm(h, weight.t());
+  if (present(sparse_index)) {
+    Tensor rowptr = sparse_row_pointers(*sparse_index, d.N, d.K);
+    sparse_matmul_add_(z, h.contiguous(), *sparse_index, as_float_in(*sparse_value, dt), rowptr);
+  }
+  Tensor y, z_saved;
+  if (save_z) {
+    z_saved = z;
+    y = present(ia3_out) ? z * ia3_out->to(dt) : z.clone();
+  } else {
+    y = z;
+    if (present(ia3_out)) y.mul_(ia3_out->to(dt));
+    z_saved = x.new_empty({0});
+  }
+  Tensor xa;
+  if (present(lora_A)) {
+    Tensor a = lora_A->to(dt), b = lora_B->to(dt);
+    // Rank-first: [M, r] = drop(x) A^T (fused kernel with dropout: no dropped copy of x; MKL without),
+    // then y += s * xa B^T in place (MKL's beta = 1).
+    xa = p > 0.0 ? lora_down_dropout(x, *lora_A, p, seed) : at::mm(x, a.t());
+    y.addmm_(xa, b.t(), 1.0, lora_scale);
+  } else {
+    xa = x.new_empty({0});
+  }
+  return {y, xa, z_saved};
+}
+
+std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OptTensor& x, const Tensor& weight,
+                                         const OptTensor& bias, const OptTensor& lora_A, const OptTensor& lora_B,
+                                         const OptTensor& ia3_in, const OptTensor& ia3_out,
+                                         const OptTensor& sparse_index, const OptTensor& sparse_value,
+                                         const OptTensor& xa, const OptTensor& z, double lora_scale, double p,
+                                         int64_t seed, std::array<bool, 8> needs) {
+  TORCH_CHECK(grad_y_in.dim() == 2, "fastpeft_cpp: grad_y must be 2-D [M, N], got shape ", grad_y_in.sizes());
+  check_cpu(grad_y_in, "grad_y");
+  const Dims d = check_args(grad_y_in, grad_y_in.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out,
+                            sparse_index, sparse_value, p, seed);
+  check_cpu(weight, "weight");
+  check_cpu_args({{&x, "x"}, {&bias, "bias"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}, {&ia3_in, "ia3_in"},
+                  {&ia3_out, "ia3_out"}, {&sparse_index, "sparse_index"}, {&sparse_value, "sparse_value"},
+                  {&xa, "xa"}, {&z, "z"}});
+  const auto [need_x, need_w, need_b, need_a, need_bb, need_in, need_out, need_val] = needs;
+  const int64_t M = d.M, K = d.K, N = d.N;
+  const auto dt = grad_y_in.scalar_type();
+  TORCH_CHECK(grad_y_in.size(1) == N, "fastpeft_cpp: grad_y must have shape [M, ", N, "], got ", grad_y_in.sizes());
+  const bool need_h = need_w || need_a || need_in || need_val;
+  if (need_h) {
+    TORCH_CHECK(present(x), "fastpeft_cpp: x is required for the gradients of weight, lora_A, ia3_in or "
+                            "sparse_value");
+    TORCH_CHECK(x->sizes() == at::IntArrayRef({M, K}) && x->scalar_type() == dt,
+                "fastpeft_cpp: x must be [", M, ", ", K, "] in ", dt, ", got ", x->scalar_type(), " ", x->sizes());
+  }
+  TORCH_CHECK(!need_b || present(bias), "fastpeft_cpp: needs asks for the bias gradient but bias is None");
+  TORCH_CHECK(!(need_a || need_bb) || present(lora_A),
+              "fastpeft_cpp: needs asks for LoRA gradients but lora_A/lora_B are None");
+  TORCH_CHECK(!need_in || present(ia3_in), "fastpeft_cpp: needs asks for the ia3_in gradient but ia3_in is None");
+  TORCH_CHECK(!need_out || present(ia3_out), "fastpeft_cpp: needs asks for the ia3_out gradient but ia3_out is None");
+  TORCH_CHECK(!need_val || present(sparse_value),
+              "fastpeft_cpp: needs asks for the sparse_value gradient but sparse_value is None");
+  if (need_bb) {
+    TORCH_CHECK(present(xa) && xa->sizes() == at::IntArrayRef({M, d.r}) && xa->scalar_type() == dt,
+                "fastpeft_cpp: xa (the saved [M, r] product drop(x) A^T) must be [", M, ", ", d.r, "] in ", dt);
+  }
+  if (need_out) {
+    TORCH_CHECK(present(z) && z->sizes() == at::IntArrayRef({M, N}) && z->scalar_type() == dt,
+                "fastpeft_cpp: z (the saved pre-IA3 output) must be [", M, ", ", N, "] in ", dt);
+  }
+  Tensor gy = grad_y_in.contiguous();
+  std::vector<Tensor> grads(8);
+
+  // Output side: gz = gy * ia3_out plus the ia3_out and bias reductions, one pass.
+  const bool need_gz = need_x || need_in || need_w || need_val;
+  OutputGrads og = output_side_backward(gy, ia3_out, z, need_gz, need_out, need_b);
+  Tensor gz = og.gz.defined() ? og.gz : gy;
+  if (need_out) grads[6] = og.g_out.to(ia3_out->scalar_type());
+  if (need_b) grads[2] = og.g_bias.to(bias->scalar_type());
+
+  Tensor rowptr, value_f;
+  if (present(sparse_index) && (need_x || need_in || need_val)) rowptr = sparse_row_pointers(*sparse_index, N, K);
+  if (present(sparse_index) && (need_x || need_in)) value_f = as_float_in(*sparse_value, dt);
+
+  if (need_x || need_in) {
+    Tensor dh = at::mm(gz, weight);
+    if (present(sparse_index)) sparse_matmul_t_add_(dh, gz, *sparse_index, value_f, rowptr);
+    if (present(ia3_in)) {
+      Tensor gin = input_side_backward(dh, x, *ia3_in, need_in, need_x);
+      if (need_in) grads[5] = gin.to(ia3_in->scalar_type());
+    }
+    if (need_x) grads[0] = dh;
+  }
+  if (need_w) {
+    Tensor h = present(ia3_in) ? *x * ia3_in->to(dt) : *x;
+    grads[1] = at::mm(gz.t(), h).to(weight.scalar_type());
+  }
+  if (need_val) {
+    OptTensor scale = present(ia3_in) ? OptTensor(as_float_in(*ia3_in, dt)) : std::nullopt;
+    grads[7] = sddmm(gz, x->contiguous(), scale, *sparse_index, N).to(sparse_value->scalar_type());
+  }
+  if (present(lora_A) && (need_x || need_a || need_bb)) {
+    Tensor a = lora_A->to(dt), b = lora_B->to(dt);
+    // dB = s * gy^T xa, computed as (xa^T gy)^T: MKL is ~2.5x faster on the wide [r, N] output than
+    // on the tall-skinny [N, r] one (same FLOPs), and the [N, r] transpose copy is tiny.
+    if (need_bb) grads[4] = at::mm(xa->t(), gy).mul_(lora_scale).t().contiguous().to(lora_B->scalar_type());
+    if (need_x || need_a) {
+      Tensor gyb = at::mm(gy, b);  // [M, r]: the rank-sized intermediate both gradients share
+      if (need_a) {
+        Tensor xd = p > 0.0 ? dropout(*x, p, seed) : x->contiguous();
+        grads[3] = at::mm(gyb.t(), xd).mul_(lora_scale).to(lora_A->scalar_type());
+      }
+      if (need_x) {
+        if (p > 0.0) {
+          dropout_add_(grads[0], at::mm(gyb, a), lora_scale, p, seed);
+        } else {
+          grads[0].addmm_(gyb, a, 1.0, lora_scale);  // accumulated in place (beta = 1)
+        }
+      }
+    }
+  }
+  for (auto& g : grads)
+    if (!g.defined()) g = gy.new_empty({0});
+  return grads;
+}
+
+// ---- Meta (shape-only) --------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_meta(const Tensor& x, const Tensor& weight,
+                                                            const OptTensor& bias, const OptTensor& lora_A,
+                                                            const OptTensor& lora_B, const OptTensor& ia3_in,
+                                                            const OptTensor& ia3_out, const OptTensor& sparse_index,
+                                                            const OptTensor& sparse_value, double lora_scale,
+                                                            double p, int64_t seed, bool save_z) {
+  TORCH_CHECK(x.dim() == 2, "fastpeft_cpp: x must be 2-D [M, K], got shape ", x.sizes());
+  const Dims d = check_args(x, x.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
+                            sparse_value, p, seed);
+  TORCH_CHECK(x.size(1) == d.K, "fastpeft_cpp: x must have shape [M, ", d.K, "], got ", x.sizes());
+  Tensor y = x.new_empty({d.M, d.N});
+  Tensor xa = present(lora_A) ? x.new_empty({d.M, d.r}) : x.new_empty({0});
+  Tensor z = save_z ? x.new_empty({d.M, d.N}) : x.new_empty({0});
+  return {y, xa, z};
+}
+
+std::vector<Tensor> peft_linear_backward_meta(const Tensor& grad_y, const OptTensor& x, const Tensor& weight,
+                                              const OptTensor& bias, const OptTensor& lora_A,
+                                              const OptTensor& lora_B, const OptTensor& ia3_in,
+                                              const OptTensor& ia3_out, const OptTensor& sparse_index,
+                                              const OptTensor& sparse_value, const OptTensor& xa, const OptTensor& z,
+                                              double lora_scale, double p, int64_t seed, std::array<bool, 8> needs) {
+  TORCH_CHECK(grad_y.dim() == 2, "fastpeft_cpp: grad_y must be 2-D [M, N], got shape ", grad_y.sizes());
+  const Dims d = check_args(grad_y, grad_y.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
+                            sparse_value, p, seed);
+  const OptTensor* args[8] = {nullptr, nullptr, &bias, &lora_A, &lora_B, &ia3_in, &ia3_out, &sparse_value};
+  std::vector<Tensor> grads(8);
+  if (needs[0]) grads[0] = grad_y.new_empty({d.M, d.K});
+  if (needs[1]) grads[1] = at::empty_like(weight);
+  for (int i = 2; i < 8; ++i) {
+    if (!needs[i]) continue;
+    TORCH_CHECK(present(*args[i]), "fastpeft_cpp: needs asks for a gradient of an argument that is None");
+    grads[i] = at::empty_like(**args[i]);
+  }
+  for (auto& g : grads)
+    if (!g.defined()) g = grad_y.new_empty({0});
+  return grads;
+}
+
+}  // namespace fastpeft

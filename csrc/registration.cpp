@@ -1,0 +1,49 @@
+// Registers the fastpeft_cpp ops (torch.ops.fastpeft_cpp.*).  Other csrc/ files may add ops to the
+// same namespace with TORCH_LIBRARY_FRAGMENT(fastpeft_cpp, m); this is the one TORCH_LIBRARY block.
+#include <torch/library.h>
+
+#include "dense.h"
+#include "sparse.h"
+
+TORCH_LIBRARY(fastpeft_cpp, m) {
+  m.def(
+      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? ia3_in, "
+      "Tensor? ia3_out, Tensor? sparse_index, Tensor? sparse_value, float lora_scale, float p, int seed, "
+      "bool save_z) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor? bias, Tensor? lora_A, Tensor? lora_B, "
+      "Tensor? ia3_in, Tensor? ia3_out, Tensor? sparse_index, Tensor? sparse_value, Tensor? xa, Tensor? z, "
+      "float lora_scale, float p, int seed, bool[8] needs) -> Tensor[]");
+  // backward returns an empty [0] tensor for every gradient that needs[i] does not ask for.
+  // The same op with autograd in C++ (y only): the eager CPU path of fastpeft.peft_linear.
+  m.def(
+      "peft_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? ia3_in, "
+      "Tensor? ia3_out, Tensor? sparse_index, Tensor? sparse_value, float lora_scale, float p, int seed) -> Tensor");
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
+  m.def("sparse_matmul(Tensor h, Tensor sparse_index, Tensor sparse_value, int n) -> Tensor");
+  m.def("sparse_matmul_t(Tensor g, Tensor sparse_index, Tensor sparse_value, int k) -> Tensor");
+  m.def("sddmm(Tensor g, Tensor h, Tensor sparse_index) -> Tensor");
+  // No tensor arguments to dispatch on: one implementation for every key.
+  // first_row: the mask of rows [first_row, first_row + rows) of a [*, cols] x (tests offsets >= 2^32).
+  m.def("keep_mask(int seed, float p, int rows, int cols, int first_row=0) -> Tensor", &fastpeft::keep_mask);
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_cpp, CPU, m) {
+  m.impl("forward", &fastpeft::peft_linear_forward);
+  m.impl("backward", &fastpeft::peft_linear_backward);
+  m.impl("peft_linear", &fastpeft::peft_linear_inference);
+  m.impl("dropout", &fastpeft::dropout);
+  m.impl("sparse_matmul", &fastpeft::sparse_matmul_op);
+  m.impl("sparse_matmul_t", &fastpeft::sparse_matmul_t_op);
+  m.impl("sddmm", &fastpeft::sddmm_op);
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_cpp, Autograd, m) {
+  m.impl("peft_linear", &fastpeft::peft_linear_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastpeft_cpp, Meta, m) {
+  m.impl("peft_linear", &fastpeft::peft_linear_meta);
+  m.impl("forward", &fastpeft::peft_linear_forward_meta);
+  m.impl("backward", &fastpeft::peft_linear_backward_meta);
+}

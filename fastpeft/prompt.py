@@ -1,0 +1,332 @@
+"""Prompt tuning (Lester et al. 2021) and prefix tuning (Li & Liang 2021) for transformers models.
+
+``PromptTuning(model, n)`` learns n virtual-token embeddings P [n, H] and runs
+
+    model(inputs_embeds=[P; E(input_ids)], attention_mask=[1…1; mask], token_type_ids=[0…0; tt])
+
+so every layer sees the virtual tokens as ordinary (always attended) positions.  The output's
+``last_hidden_state`` drops the n virtual positions by default, so it lines up with the input.
+
+``PrefixTuning(model, n)`` learns, for every attention layer ℓ, n key and n value vectors
+(K_ℓ, V_ℓ [n, kv_dim]) that are prepended to the layer's keys and values:
+
+    attention_ℓ(Q, [K_ℓ; K], [V_ℓ; V])   with the mask extended by n always-attended columns
+
+Queries, positions and the number of outputs are unchanged.  With ``reparameterize=True`` the
+prefixes come from a two-layer MLP (H → encoder_hidden → tanh → layers·2·kv_dim) applied to n
+learnable embeddings, as in the paper (training is more stable); the MLP is only a
+reparameterisation: the prefixes it produces are what the model sees.
+
+How the prefixes reach the attention: a forward pre-hook on each attention module (the modules
+that take a ``cache``/``past_key_values`` argument and own key/value projections, e.g.
+``BertSelfAttention``) passes a one-shot cache object whose ``update(k, v, layer_idx)`` returns
+``[K_ℓ; k], [V_ℓ; v]`` (transformers' own Cache protocol, which the attention calls right after
+projecting keys and values) and extends the attention mask the model built (4-D bool or
+additive float; None stays None).  Nothing is stored between calls, position ids do not shift,
+and the model runs as usual when it is called without the wrapper.
+
+Both wrappers freeze the model (``freeze_model=False`` keeps its trainable parameters) and hold
+their parameters directly, counted as "prompt" by ``count_parameters``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .accounting import remember_pretrained
+
+
+def _positive(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _input_embeddings(model: nn.Module) -> nn.Embedding:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Embedding):
+        raise TypeError(f"{type(model).__name__} has no get_input_embeddings() returning an nn.Embedding; "
+                        "prompt tuning needs a transformers model that accepts inputs_embeds")
+    return emb
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _batch_size(input_ids, inputs_embeds) -> int:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids or inputs_embeds")
+    return (input_ids if input_ids is not None else inputs_embeds).shape[0]
+
+
+class PromptTuning(nn.Module):
+    """n learnable virtual tokens prepended to a transformers model's input embeddings.
+
+    Args:
+        model: a transformers model (anything with ``get_input_embeddings()`` that accepts
+            ``inputs_embeds`` and ``attention_mask``).
+        num_virtual_tokens: n >= 1.
+        init: "random" (normal with the vocabulary embeddings' std), a sequence / 1-D tensor of
+            vocabulary token ids (repeated to fill n, as peft does), or a text (needs ``tokenizer``).
+        tokenizer: used when ``init`` is a text.
+        keep_virtual_outputs: keep the n virtual positions in ``last_hidden_state`` (default: drop them).
+        freeze_model: freeze every parameter of ``model``.
+
+    ``prompt`` [n, H] is the only parameter (float32 when the model is half precision).  Token-level
+    ``labels`` [B, L] (language-model heads) get -100 for the virtual positions, as in peft.
+    """
+
+    PARAM_CATEGORIES = {"prompt": "prompt"}
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int, init: Union[str, Sequence[int], Tensor] = "random",
+                 *, tokenizer=None, keep_virtual_outputs: bool = False, freeze_model: bool = True):
+        super().__init__()
+        n = _positive("num_virtual_tokens", num_virtual_tokens)
+        emb = _input_embeddings(model)
+        if freeze_model:
+            _freeze(model)
+        self.model = model
+        self.num_virtual_tokens = n
+        self.keep_virtual_outputs = keep_virtual_outputs
+        weight = emb.weight.detach()
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if isinstance(init, str) and init == "random":
+            std = float(weight.float().std())
+            prompt = torch.randn(n, weight.shape[1], device=weight.device, dtype=dtype) * std
+        else:
+            ids = self._init_ids(init, tokenizer, weight.shape[0])
+            ids = ids.repeat(math.ceil(n / ids.numel()))[:n].to(weight.device)
+            prompt = weight[ids].to(dtype).clone()
+        self.prompt = nn.Parameter(prompt)
+        remember_pretrained(self.prompt)  # count_parameters: entries that moved from their initial values
+
+    @staticmethod
+    def _init_ids(init, tokenizer, vocab: int) -> Tensor:
+        if isinstance(init, str):
+            if tokenizer is None:
+                raise ValueError("init is a text: pass the tokenizer to turn it into token ids "
+                                 "(or init='random', or a list of token ids)")
+            init = tokenizer(init, add_special_tokens=False)["input_ids"]
+        ids = torch.as_tensor(init)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("init must be 'random', a text, or a non-empty 1-D sequence of integer token ids")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"init token ids must be in [0, {vocab}) (the vocabulary size), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        return ids.long()
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                inputs_embeds: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None, **kwargs):
+        """Run the model with the virtual tokens in front; other keyword arguments pass through."""
+        if "position_ids" in kwargs and kwargs["position_ids"] is not None:
+            raise ValueError("position_ids cannot be combined with prompt tuning (the virtual tokens take the "
+                             "first positions); leave them to the model")
+        b = _batch_size(input_ids, inputs_embeds)
+        n = self.num_virtual_tokens
+        if inputs_embeds is None:
+            inputs_embeds = _input_embeddings(self.model)(input_ids)
+        prompt = self.prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(b, -1, -1)
+        embeds = torch.cat([prompt, inputs_embeds], dim=1)
+        length = inputs_embeds.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones(b, length, dtype=torch.long, device=embeds.device)
+        if tuple(attention_mask.shape) != (b, length):
+            raise ValueError(f"attention_mask must have shape {[b, length]}, got {list(attention_mask.shape)}")
+        attention_mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(b, n), token_type_ids], dim=1)
+        labels = kwargs.get("labels")
+        if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape == (b, length):
+            # token-level labels (causal / masked LM): the virtual positions are never scored
+            kwargs["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)
+        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if not self.keep_virtual_outputs and hasattr(out, "last_hidden_state"):
+            out["last_hidden_state"] = out.last_hidden_state[:, n:]
+        return out
+
+    def extra_repr(self) -> str:
+        return f"num_virtual_tokens={self.num_virtual_tokens}, hidden={self.prompt.shape[1]}"
+
+
+# ----------------------------------------------------------------------------- prefix tuning
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+_KV_NAMES = (("key", "value"), ("k_proj", "v_proj"))
+
+
+class _PrefixCache:
+    """A one-shot stand-in for a transformers Cache: update() prepends this layer's prefix."""
+
+    def __init__(self, key: Tensor, value: Tensor):
+        self.key, self.value = key, value
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx=None, *args, **kwargs):
+        k = self.key.to(key_states.dtype).expand(key_states.shape[0], -1, -1, -1)
+        v = self.value.to(value_states.dtype).expand(value_states.shape[0], -1, -1, -1)
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # the prefix is not a past: positions do not shift
+
+
+def extend_attention_mask(mask: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """Add n always-attended key columns in front of a 4-D attention mask (bool: True, additive: 0)."""
+    if mask is None:
+        return None
+    if mask.dim() != 4:
+        raise ValueError(f"prefix tuning extends 4-D attention masks [B, 1|heads, Lq, Lk]; got shape "
+                         f"{list(mask.shape)} (attention implementations with 2-D masks are not supported)")
+    fill = torch.ones if mask.dtype == torch.bool else torch.zeros
+    pad = fill(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    found = []
+    for name, module in model.named_modules():
+        # key/value projections: nn.Linear or a fastpeft layer replacing one (both have out_features)
+        if not any(isinstance(getattr(getattr(module, k, None), "out_features", None), int)
+                   and isinstance(getattr(module, v, None), nn.Module) for k, v in _KV_NAMES):
+            continue
+        try:
+            params = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        arg = next((a for a in _CACHE_ARGS if a in params), None)
+        if arg is not None:
+            found.append((name, module, arg))
+    return found
+
+
+def _kv_layout(module: nn.Module, config) -> tuple[int, int]:
+    """(kv_heads, head_dim) of an attention module."""
+    key = getattr(module, "key", None) or getattr(module, "k_proj")
+    kv_dim = key.out_features
+    head_dim = (getattr(module, "attention_head_size", None) or getattr(module, "head_dim", None)
+                or getattr(config, "head_dim", None))
+    if not isinstance(head_dim, int):
+        heads = getattr(config, "num_attention_heads", None)
+        if not isinstance(heads, int):
+            raise ValueError("cannot tell the attention head size: the model config has no num_attention_heads")
+        head_dim = config.hidden_size // heads
+    if kv_dim % head_dim:
+        raise ValueError(f"key projection width {kv_dim} is not a multiple of the head size {head_dim}")
+    return kv_dim // head_dim, head_dim
+
+
+class PrefixTuning(nn.Module):
+    """Learnable key/value prefixes for every attention layer of a transformers model.
+
+    Args:
+        model: a transformers model whose attention modules take a ``cache`` / ``past_key_values``
+            argument (BERT, RoBERTa, Llama, ...).
+        num_virtual_tokens: prefix length n >= 1.
+        reparameterize: produce the prefixes with the paper's MLP from n embeddings.
+        encoder_hidden_size: the MLP's hidden width (default: the model's hidden size).
+        init_std: std of the normal initialisation of the prefixes (or of the MLP's input embeddings).
+        freeze_model: freeze every parameter of ``model``.
+
+    Parameters: ``prefix`` — [layers, 2, n, kv_dim] keys/values, or [n, H] MLP input embeddings
+    with ``reparameterize``, plus ``mlp_in_weight``, ``mlp_in_bias``, ``mlp_out_weight``, ``mlp_out_bias``.
+    """
+
+    PARAM_CATEGORIES = {"prefix": "prompt", "mlp_in_weight": "prompt", "mlp_in_bias": "prompt",
+                        "mlp_out_weight": "prompt", "mlp_out_bias": "prompt"}
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int, *, reparameterize: bool = False,
+                 encoder_hidden_size: Optional[int] = None, init_std: float = 0.02, freeze_model: bool = True):
+        super().__init__()
+        n = _positive("num_virtual_tokens", num_virtual_tokens)
+        config = getattr(model, "config", None)
+        layers = _attention_modules(model)
+        if not layers:
+            raise TypeError(f"found no attention module in {type(model).__name__} that takes a cache/past_key_values "
+                            "argument and owns key/value projections; prefix tuning needs a transformers model")
+        layouts = {_kv_layout(m, config) for _, m, _ in layers}
+        if len(layouts) != 1:
+            raise ValueError(f"attention layers disagree on (kv_heads, head_dim): {sorted(layouts)}")
+        self.kv_heads, self.head_dim = layouts.pop()
+        kv_dim = self.kv_heads * self.head_dim
+        ref = next(iter(model.parameters()))
+        dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        kw = {"dtype": dtype, "device": ref.device}
+        if freeze_model:
+            _freeze(model)
+        self.model = model
+        self.num_virtual_tokens, self.num_layers, self.reparameterize = n, len(layers), reparameterize
+        self.layer_names = [name for name, _, _ in layers]
+        if reparameterize:
+            hidden = getattr(config, "hidden_size", kv_dim)
+            inner = _positive("encoder_hidden_size", encoder_hidden_size) if encoder_hidden_size is not None else hidden
+            self.prefix = nn.Parameter(torch.randn(n, hidden, **kw) * init_std)
+            self.mlp_in_weight = nn.Parameter(torch.empty(inner, hidden, **kw))
+            self.mlp_in_bias = nn.Parameter(torch.zeros(inner, **kw))
+            self.mlp_out_weight = nn.Parameter(torch.empty(len(layers) * 2 * kv_dim, inner, **kw))
+            self.mlp_out_bias = nn.Parameter(torch.zeros(len(layers) * 2 * kv_dim, **kw))
+            nn.init.kaiming_uniform_(self.mlp_in_weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.mlp_out_weight, a=math.sqrt(5))
+        else:
+            self.prefix = nn.Parameter(torch.randn(len(layers), 2, n, kv_dim, **kw) * init_std)
+            self.mlp_in_weight = self.mlp_in_bias = self.mlp_out_weight = self.mlp_out_bias = None
+        for p in self.parameters(recurse=False):
+            remember_pretrained(p)
+        self._active: Optional[Tensor] = None
+        self._handles = [module.register_forward_pre_hook(self._make_hook(i, arg), with_kwargs=True)
+                         for i, (_, module, arg) in enumerate(layers)]
+
+    def prefix_states(self) -> Tensor:
+        """The keys and values every layer sees: [layers, 2, kv_heads, n, head_dim]."""
+        n, kv = self.num_virtual_tokens, self.kv_heads * self.head_dim
+        if self.reparameterize:
+            hidden = torch.tanh(F.linear(self.prefix, self.mlp_in_weight, self.mlp_in_bias))
+            flat = F.linear(hidden, self.mlp_out_weight, self.mlp_out_bias)  # [n, layers*2*kv]
+            states = flat.view(n, self.num_layers, 2, kv).permute(1, 2, 0, 3)
+        else:
+            states = self.prefix
+        return states.reshape(self.num_layers, 2, n, self.kv_heads, self.head_dim).transpose(2, 3)
+
+    def _make_hook(self, index: int, cache_arg: str):
+        def hook(module, args, kwargs):
+            states = self._active
+            if states is None:  # the model was called directly, not through this wrapper
+                return None
+            if kwargs.get(cache_arg) is not None:
+                raise ValueError("prefix tuning cannot be combined with a key/value cache (generation with "
+                                 "past_key_values is not supported)")
+            kwargs = dict(kwargs)
+            kwargs[cache_arg] = _PrefixCache(states[index, 0].unsqueeze(0), states[index, 1].unsqueeze(0))
+            if "attention_mask" in kwargs:
+                kwargs["attention_mask"] = extend_attention_mask(kwargs["attention_mask"], self.num_virtual_tokens)
+            elif len(args) > 1 and isinstance(args[1], Tensor):
+                args = (args[0], extend_attention_mask(args[1], self.num_virtual_tokens), *args[2:])
+            return args, kwargs
+        return hook
+
+    def forward(self, *args, **kwargs):
+        """Run the model (same arguments as the model) with the prefixes in every attention layer."""
+        if self._active is not None:
+            raise RuntimeError("PrefixTuning.forward is not re-entrant")
+        self._active = self.prefix_states()
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._active = None
+
+    def remove(self) -> nn.Module:
+        """Detach the hooks and return the bare model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return self.model
+
+    def extra_repr(self) -> str:
+        return (f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.num_layers}, kv_heads={self.kv_heads}, "
+                f"head_dim={self.head_dim}, reparameterize={self.reparameterize}")
