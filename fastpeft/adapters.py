@@ -449,13 +449,9 @@ class AdapterConfig:
             sample = [n for n, _ in model.named_modules() if n][:8]
             raise ValueError(f"target_modules={self.targets!r} matched no module of the model (module names look "
                              f"like {sample})")
-        from .modules import PEFTLinear
+        from .inject import freeze_all_but_adapters
 
-        keep = {id(p) for layer in model.modules() if isinstance(layer, (PEFTLinear, BottleneckAdapter))
-                for p in layer.parameters() if p.requires_grad}
-        for p in model.parameters():
-            if id(p) not in keep:
-                p.requires_grad_(False)
+        freeze_all_but_adapters(model)
         for name in names:
             module = model.get_submodule(name)
             if type(module).__name__ == "NonDynamicallyQuantizableLinear":

@@ -70,11 +70,7 @@ def inject(model: nn.Module, config) -> nn.Module:
     names = _targets(model, config)
     if not names and not (isinstance(config, BitFitConfig) and config.target_modules is None):
         raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
-    already_trainable = {id(p) for layer in model.modules() if isinstance(layer, PEFTLinear)
-                         for p in layer.parameters() if p.requires_grad}
-    for p in model.parameters():
-        if id(p) not in already_trainable:
-            p.requires_grad_(False)
+    freeze_all_but_adapters(model)
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, PEFTLinear):
@@ -101,6 +97,19 @@ def _train(param: nn.Parameter) -> None:
     if not param.requires_grad:
         remember_pretrained(param)
     param.requires_grad_(True)
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freeze every parameter except the trainable ones of fastpeft modules injected earlier.
+
+    fastpeft modules are recognised by their ``PARAM_CATEGORIES`` table, so methods stack: LoRA
+    injected after adapters (or the reverse) leaves the earlier method trainable.
+    """
+    keep = {id(p) for layer in model.modules() if hasattr(layer, "PARAM_CATEGORIES")
+            for p in layer.parameters(recurse=False) if p.requires_grad}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -17,7 +17,9 @@ The result is a dict (a ``MemoryProfile``) that prints as a table.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -275,12 +277,32 @@ def _profiler_allocations_supported() -> bool:
     return hasattr(_EventType, "Allocation")
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null while native code starts or stops the profiler."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _cpu_step_with_peak(step):
     if _profiler_allocations_supported():
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _native_stderr_silenced():  # kineto prints "USDT: ... profiler_start/stop" lines
+            prof.__enter__()
+        try:
             out = step()
+        finally:
+            with _native_stderr_silenced():
+                prof.__exit__(None, None, None)
         try:
             return _cpu_peak_from_profiler(prof), "profiler allocator events", out
         except AttributeError:  # the event tree's layout changed: report what we can
