@@ -43,6 +43,7 @@ from torch import Tensor
 from . import backends as _backends
 from .accounting import remember_pretrained
 from .config import TargetModules, _check_targets, matches
+from .validation import check_positive_int
 
 # Activation codes shared with the C++ and Triton kernels (keep in sync with csrc/adapter.cpp).
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
@@ -337,9 +338,8 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, features: int, bottleneck: int, activation: str = "relu", bias: bool = True, *,
                  dtype: Optional[torch.dtype] = None, device=None, backend: Optional[str] = None):
         super().__init__()
-        for name, v in (("features", features), ("bottleneck", bottleneck)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int("features", features)
+        check_positive_int("bottleneck", bottleneck)
         activation_code(activation)
         dtype = dtype or torch.get_default_dtype()
         if dtype in (torch.bfloat16, torch.float16):

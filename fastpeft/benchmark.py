@@ -39,6 +39,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .selfcheck import tolerance
+
 __all__ = ["SHAPES", "PRESETS", "METHODS", "add_arguments", "run", "run_bench", "machine_info",
            "format_table", "write_plot", "make_case", "LayerCase", "default_backends"]
 
@@ -473,14 +475,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _tolerance(dtype: torch.dtype, device: torch.device) -> float:
-    if dtype in (torch.bfloat16, torch.float16):
-        return 1e-2
-    if dtype == torch.float32:
-        return 1e-3 if device.type == "cuda" else 1e-5  # tf32 dots allowed on GPUs
-    return 1e-10
-
-
 def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backends, use_peft: bool,
                  dtype: torch.dtype, device: torch.device, repeat: int, warmup: int, min_sample_s: float,
                  density: float, dropout: float, seed: int, progress: _Progress) -> list[dict]:
@@ -557,7 +551,7 @@ def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backe
             calls_per_sample=numbers[id(case)], saved_mib=mem["saved_bytes"] / 2**20,
             peak_mib=mem["peak_bytes"] / 2**20,
             peak_source=mem["peak_source"], trainable=trainable, trainable_total=sum(trainable.values()),
-            max_rel_err=err, tolerance=_tolerance(dtype, device) if case.backend not in (TORCH, PEFT) else None))
+            max_rel_err=err, tolerance=tolerance(dtype, device) if case.backend not in (TORCH, PEFT) else None))
         progress.step(f"{tag} errors+memory {case.method}/{case.backend}")
 
     base_row = rows[0]
@@ -598,7 +592,7 @@ def run_bench(*, shapes, tokens: int, r: int = 16, alpha: Optional[float] = None
     backends = list(backends) if backends is not None else default_backends(device)
     use_peft = use_peft and _peft_available()
     shapes = [SHAPES[s] if isinstance(s, str) else s for s in shapes]
-    load_before = _load_average()
+    load_before = load_average()
     per_shape = _cases_per_shape(methods, backends, use_peft)
     bar = _Progress(len(shapes) * per_shape * (2 + repeat), progress)
     rows = []
@@ -651,7 +645,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _load_average() -> Optional[float]:
+def load_average() -> Optional[float]:
     """The 1-minute load average (other work competing for the cores), where the OS reports it."""
     try:
         return round(os.getloadavg()[0], 2)
@@ -663,7 +657,7 @@ def machine_info(device: Optional[torch.device] = None) -> dict:
     """The machine the numbers come from: CPU model, cores, torch threads, GPU if used."""
     device = torch.device(device) if device is not None else _default_device()
     info = dict(cpu=_cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                platform=platform.platform(), device=str(device), load_average=_load_average())
+                platform=platform.platform(), device=str(device), load_average=load_average())
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),

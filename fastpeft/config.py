@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .validation import check_positive_int
+
 TargetModules = Optional[Union[str, list[str]]]
 LORA_BIAS = ("none", "all", "lora_only")
 
@@ -54,8 +56,7 @@ class LoRAConfig:
     backend: Optional[str] = None
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        check_positive_int("r", self.r)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.bias not in LORA_BIAS:

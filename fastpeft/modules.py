@@ -19,6 +19,7 @@ import torch.nn as nn
 from .accounting import remember_pretrained
 from .ops import peft_linear
 from .sparse_select import select_sparse_indices
+from .validation import check_positive_int, check_sparse
 
 IA3_POSITIONS = ("in", "out", "both")
 # |scale| below this makes unmerge divide by (nearly) zero: the restored weight is unreliable.
@@ -99,8 +100,7 @@ class PEFTLinear(nn.Module):
         self._check_unmerged("add LoRA")
         if self.lora_A is not None:
             raise ValueError("this layer already has a LoRA path")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        check_positive_int("r", r)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         a = torch.empty(r, self.in_features, dtype=torch.float32)
@@ -143,8 +143,6 @@ class PEFTLinear(nn.Module):
             raise ValueError("this layer already has a sparse delta")
         if index is None:
             index = select_sparse_indices(self.weight, density, selection, seed=seed, block=block)
-        from .validation import check_sparse
-
         index = index.to(device=self.weight.device, dtype=torch.int64)
         values = torch.zeros(index.numel(), dtype=_adapter_dtype(self.weight))
         check_sparse(index, values.to(index.device), self.out_features, self.in_features)
@@ -188,16 +186,19 @@ class PEFTLinear(nn.Module):
             w = self.weight.float()
             if self._merged:
                 raise RuntimeError("delta_weight() needs the unmerged weight; call unmerge() first")
-            eff = w.clone()
-            if self.sparse_value is not None:
-                eff.view(-1).index_add_(0, self.sparse_index, self.sparse_value.float())
-            if self.ia3_in is not None:
-                eff.mul_(self.ia3_in.float()[None, :])
-            if self.ia3_out is not None:
-                eff.mul_(self.ia3_out.float()[:, None])
-            if self.lora_A is not None:
-                eff.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=self.lora_scale)
-            return eff - w
+            return self._apply_paths_(w.clone()) - w
+
+    def _apply_paths_(self, w: torch.Tensor) -> torch.Tensor:
+        """In place on fp32 ``w``: diag(ia3_out) (w + S) diag(ia3_in) + scale * B A (the merged weight)."""
+        if self.sparse_value is not None:
+            w.view(-1).index_add_(0, self.sparse_index, self.sparse_value.float())
+        if self.ia3_in is not None:
+            w.mul_(self.ia3_in.float()[None, :])
+        if self.ia3_out is not None:
+            w.mul_(self.ia3_out.float()[:, None])
+        if self.lora_A is not None:
+            w.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=self.lora_scale)
+        return w
 
     def merge(self) -> None:
         """Fold every adapter path into weight (and bias) in place; forward then costs a plain linear."""
@@ -205,18 +206,9 @@ class PEFTLinear(nn.Module):
             warnings.warn("layer is already merged; merge() did nothing", stacklevel=2)
             return
         with torch.no_grad():
-            w = self.weight.float()
-            if self.sparse_value is not None:
-                w.view(-1).index_add_(0, self.sparse_index, self.sparse_value.float())
-            if self.ia3_in is not None:
-                w.mul_(self.ia3_in.float()[None, :])
-            if self.ia3_out is not None:
-                w.mul_(self.ia3_out.float()[:, None])
-                if self.bias is not None:
-                    self.bias.copy_(self.bias.float() * self.ia3_out.float())
-            if self.lora_A is not None:
-                w.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=self.lora_scale)
-            self.weight.copy_(w)
+            self.weight.copy_(self._apply_paths_(self.weight.float()))
+            if self.ia3_out is not None and self.bias is not None:
+                self.bias.copy_(self.bias.float() * self.ia3_out.float())
         self._merged = True
 
     def unmerge(self) -> None:
@@ -262,8 +254,7 @@ class LoRALinear(PEFTLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                     use_rslora: bool = False, *, backend: Optional[str] = None) -> "LoRALinear":
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        check_positive_int("r", r)
         return super().from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                    backend=backend)
 

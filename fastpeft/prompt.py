@@ -40,12 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .accounting import remember_pretrained
-
-
-def _positive(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
+from .validation import check_positive_int
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding:
@@ -90,7 +85,7 @@ class PromptTuning(nn.Module):
     def __init__(self, model: nn.Module, num_virtual_tokens: int, init: Union[str, Sequence[int], Tensor] = "random",
                  *, tokenizer=None, keep_virtual_outputs: bool = False, freeze_model: bool = True):
         super().__init__()
-        n = _positive("num_virtual_tokens", num_virtual_tokens)
+        n = check_positive_int("num_virtual_tokens", num_virtual_tokens)
         emb = _input_embeddings(model)
         if freeze_model:
             _freeze(model)
@@ -244,7 +239,7 @@ class PrefixTuning(nn.Module):
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, reparameterize: bool = False,
                  encoder_hidden_size: Optional[int] = None, init_std: float = 0.02, freeze_model: bool = True):
         super().__init__()
-        n = _positive("num_virtual_tokens", num_virtual_tokens)
+        n = check_positive_int("num_virtual_tokens", num_virtual_tokens)
         config = getattr(model, "config", None)
         layers = _attention_modules(model)
         if not layers:
@@ -265,7 +260,7 @@ class PrefixTuning(nn.Module):
         self.layer_names = [name for name, _, _ in layers]
         if reparameterize:
             hidden = getattr(config, "hidden_size", kv_dim)
-            inner = _positive("encoder_hidden_size", encoder_hidden_size) if encoder_hidden_size is not None else hidden
+            inner = check_positive_int("encoder_hidden_size", encoder_hidden_size) if encoder_hidden_size is not None else hidden
             self.prefix = nn.Parameter(torch.randn(n, hidden, **kw) * init_std)
             self.mlp_in_weight = nn.Parameter(torch.empty(inner, hidden, **kw))
             self.mlp_in_bias = nn.Parameter(torch.zeros(inner, **kw))

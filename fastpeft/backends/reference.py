@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..mask import keep_mask
+from ..reference import dropout_with_mask
 from . import Backend
 
 # Gather-and-reduce in chunks so the SDDMM never holds more than this many M x nnz elements.
@@ -24,13 +24,6 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    if p == 0.0:
-        return x
-    keep = keep_mask(seed, p, x.shape[0], x.shape[1], device=x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
 def sparse_csr(sparse_index: torch.Tensor, sparse_value: torch.Tensor, n: int, k: int, dtype) -> torch.Tensor:
@@ -86,7 +79,7 @@ def forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, spar
     z_saved = z if save_z else _empty(x)
     y = z * ia3_out.to(dt) if ia3_out is not None else z
     if lora_A is not None:
-        xa = _dropped(x, p, seed) @ lora_A.to(dt).t()
+        xa = dropout_with_mask(x, p, seed) @ lora_A.to(dt).t()
         y = torch.addmm(y, xa, lora_B.to(dt).t(), alpha=lora_scale)
     else:
         xa = _empty(x)
@@ -126,9 +119,9 @@ def backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_in
         if need_x or need_a:
             gyb = grad_y @ b  # [M, r]: the rank-sized intermediate both gradients share
             if need_a:
-                ga = (lora_scale * (gyb.t() @ _dropped(x, p, seed))).to(lora_A.dtype)
+                ga = (lora_scale * (gyb.t() @ dropout_with_mask(x, p, seed))).to(lora_A.dtype)
             if need_x:
-                gx_lora = _dropped(gyb @ a, p, seed)
+                gx_lora = dropout_with_mask(gyb @ a, p, seed)
                 gx = torch.add(gx, gx_lora, alpha=lora_scale) if gx is not None else lora_scale * gx_lora
     return gx, gw, gb, ga, gbb, gin, gout, gval
 
