@@ -69,30 +69,72 @@ class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> 
   }
 };
 
+// The op's public form: x [..., K] of any strides, an optional seed.  Shapes the call into the
+// [M, K] contiguous form the kernels take, checks every argument, then draws the seed when dropout
+// needs one and none is given (from torch's default generator: the draw fastpeft.ops makes, and
+// only for a call that will run), runs `run` and reshapes y back to [..., N].
+template <typename Run>
+Tensor on_rows(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
+               const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
+               const OptTensor& sparse_index, const OptTensor& sparse_value, double p, std::optional<int64_t> seed,
+               bool check, Run&& run) {
+  TORCH_CHECK(weight.dim() == 2, "fastpeft_cpp: weight must be 2-D [out_features, in_features], got shape ",
+              weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "fastpeft_cpp: x must have shape [..., ", K, "] to match weight [",
+              N, ", ", K, "], got ", x.sizes());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fastpeft_cpp: lora_dropout p must be in [0, 1), got ", p);
+  if (!present(lora_A)) p = 0.0;  // dropout acts on the LoRA branch only
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  int64_t M = 1;
+  for (int64_t v : out_shape) M *= v;  // not numel / K: K may be 0
+  out_shape.push_back(N);
+  Tensor x2 = x.reshape({M, K}).contiguous();
+  if (check)
+    check_forward_args(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p,
+                       seed.value_or(0));
+  int64_t s = 0;
+  if (p > 0.0) {
+    s = seed.has_value() ? *seed
+                         : at::randint(0, int64_t{1} << 62, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
+  }
+  Tensor y = run(x2, p, s);
+  return y.view(out_shape);
+}
+
 }  // namespace
 
 Tensor peft_linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                             const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                             const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
-                            int64_t seed) {
-  return PeftLinearFunction::apply(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                                   lora_scale, p, seed);
+                            std::optional<int64_t> seed) {
+  return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
+                 /*check=*/true, [&](const Tensor& x2, double p2, int64_t s) {
+    return PeftLinearFunction::apply(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
+                                     lora_scale, p2, s);
+  });
 }
 
 Tensor peft_linear_inference(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                              const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                              const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale,
-                             double p, int64_t seed) {
-  return std::get<0>(peft_linear_forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                                         sparse_value, lora_scale, p, seed, false));
+                             double p, std::optional<int64_t> seed) {
+  return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
+                 /*check=*/true, [&](const Tensor& x2, double p2, int64_t s) {
+    return std::get<0>(peft_linear_forward(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
+                                           sparse_value, lora_scale, p2, s, false));
+  });
 }
 
 Tensor peft_linear_meta(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                         const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                         const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
-                        int64_t seed) {
-  return std::get<0>(peft_linear_forward_meta(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                                              sparse_value, lora_scale, p, seed, false));
+                        std::optional<int64_t> seed) {
+  return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p,
+                 seed.has_value() ? seed : std::optional<int64_t>(0), /*check=*/false, [&](const Tensor& x2, double p2, int64_t s) {
+                   return std::get<0>(peft_linear_forward_meta(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out,
+                                                               sparse_index, sparse_value, lora_scale, p2, s, false));
+                 });
 }
 
 }  // namespace fastpeft

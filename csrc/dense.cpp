@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "dropout_mask.h"
+#include "lowrank.h"
 #include "sparse.h"
 
 namespace fastpeft {
@@ -58,6 +59,22 @@ void dropout_add_kernel(T* __restrict__ out, const T* __restrict__ t, int64_t M,
         const float tv = to_float(tr[k]) * scale;  // loaded unconditionally so the loop vectorises
         const float add = key.keep(base + k) ? tv : 0.f;
         o[k] = static_cast<T>(to_float(o[k]) + add);
+      }
+    }
+  });
+}
+
+// t[m, k] = keep(m*K + k) ? t[m, k] * scale : 0, in place (the dropped LoRA term of dX)
+template <typename T>
+void dropout_scale_kernel(T* __restrict__ t, int64_t M, int64_t K, DropoutKey key, float scale) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
+      T* tr = t + m * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = to_float(tr[k]) * scale;
+        tr[k] = static_cast<T>(key.keep(base + k) ? v : 0.f);
       }
     }
   });
@@ -267,6 +284,30 @@ Tensor lora_down_dropout(const Tensor& x, const Tensor& lora_A, double p, int64_
   return xa;
 }
 
+// [M, r] = drop(x) A^T in x's dtype: the register-blocked kernel up to kMaxKernelRank; above it MKL,
+// or with dropout the dot-product kernel above (both mask x as they read it: no dropped copy).
+Tensor lora_down(const Tensor& x, const Tensor& lora_A, double p, int64_t seed) {
+  if (lora_A.size(0) <= kMaxKernelRank) return lowrank_down(x, lora_A, p, seed);
+  if (p > 0.0) return lora_down_dropout(x, lora_A, p, seed);
+  return at::mm(x, lora_A.to(x.scalar_type()).t());
+}
+
+// The LoRA term of dX as a fresh [M, K] tensor: scale * drop(gyb A), gyb [M, r] and a [r, K] in x's dtype.
+Tensor lora_grad_x_term(const Tensor& gyb, const Tensor& a, double scale, double p, int64_t seed) {
+  Tensor t = at::empty({gyb.size(0), a.size(1)}, a.options());
+  if (p > 0.0) {
+    t.addmm_(gyb, a, 0.0, 1.0);  // beta = 0: t's uninitialised contents are not read
+    const DropoutKey key(seed, p);
+    const float s = static_cast<float>(scale / (1.0 - p));
+    FASTPEFT_DISPATCH(t.scalar_type(), "dropout_scale", [&] {
+      dropout_scale_kernel<scalar_t>(t.data_ptr<scalar_t>(), t.size(0), t.size(1), key, s);
+    });
+  } else {
+    t.addmm_(gyb, a, 0.0, scale);
+  }
+  return t;
+}
+
 // ---- argument checks (shared by the CPU and Meta implementations) -------------------------------
 
 struct Dims {
@@ -351,11 +392,9 @@ Tensor dropout(const Tensor& x_in, double p, int64_t seed) {
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                                                       const OptTensor& lora_A, const OptTensor& lora_B,
-                                                       const OptTensor& ia3_in, const OptTensor& ia3_out,
-                                                       const OptTensor& sparse_index, const OptTensor& sparse_value,
-                                                       double lora_scale, double p, int64_t seed, bool save_z) {
+void check_forward_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
+                        const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
+                        const OptTensor& sparse_index, const OptTensor& sparse_value, double p, int64_t seed) {
   TORCH_CHECK(x.dim() == 2, "fastpeft_cpp: x must be 2-D [M, K], got shape ", x.sizes());
   check_cpu(x, "x");
   TORCH_CHECK(x.is_contiguous(), "fastpeft_cpp: x must be contiguous (fastpeft.peft_linear makes it so)");
@@ -366,34 +405,57 @@ std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Te
                   {&ia3_out, "ia3_out"}, {&sparse_index, "sparse_index"}, {&sparse_value, "sparse_value"}});
   TORCH_CHECK(x.size(1) == d.K, "fastpeft_cpp: x must have shape [M, ", d.K, "] to match weight [", d.N, ", ",
               d.K, "], got ", x.sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                       const OptTensor& lora_A, const OptTensor& lora_B,
+                                                       const OptTensor& ia3_in, const OptTensor& ia3_out,
+                                                       const OptTensor& sparse_index, const OptTensor& sparse_value,
+                                                       double lora_scale, double p, int64_t seed, bool save_z) {
+  check_forward_args(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed);
+  const Dims d{x.size(0), x.size(1), weight.size(0), present(lora_A) ? lora_A->size(0) : 0};
   const auto dt = x.scalar_type();
 
   Tensor h = present(ia3_in) ? x * ia3_in->to(dt) : x;
-  // Bias as the GEMM's beta term (one pass for bias + product).
+  const bool has_lora = present(lora_A);
+  Tensor y, xa, z_saved = x.new_empty({0});
+  if (has_lora && !present(ia3_out)) {
+    // y = (bias + s * xa B^T) + h W^T: the LoRA branch writes y (with the bias) and the frozen GEMM
+    // accumulates onto it (beta = 1), so y takes no extra pass for LoRA.
+    if (d.r <= kMaxKernelRank) {
+      std::tie(y, xa) = lowrank_forward(x, *lora_A, *lora_B, bias, lora_scale, p, seed);
+    } else {
+      xa = lora_down(x, *lora_A, p, seed);
+      Tensor b = lora_B->to(dt);
+      if (present(bias)) {
+        y = at::addmm(bias->to(dt), xa, b.t(), 1.0, lora_scale);
+      } else {
+        y = at::empty({d.M, d.N}, x.options());
+        y.addmm_(xa, b.t(), 0.0, lora_scale);  // beta = 0: y's uninitialised contents are not read
+      }
+    }
+    y.addmm_(h, weight.t());
+    if (present(sparse_index)) {
+      Tensor rowptr = sparse_row_pointers(*sparse_index, d.N, d.K);
+      sparse_matmul_add_(y, h.contiguous(), *sparse_index, as_float_in(*sparse_value, dt), rowptr);
+    }
+    return {y, xa, z_saved};
+  }
+  // With IA3 on the output, z = h W^T + bias (+ h S^T) is scaled before LoRA joins.
+  xa = has_lora ? lora_down(x, *lora_A, p, seed) : x.new_empty({0});
   Tensor z = present(bias) ? at::addmm(bias->to(dt), h, weight.t()) : at::mm(h, weight.t());
   if (present(sparse_index)) {
     Tensor rowptr = sparse_row_pointers(*sparse_index, d.N, d.K);
     sparse_matmul_add_(z, h.contiguous(), *sparse_index, as_float_in(*sparse_value, dt), rowptr);
   }
-  Tensor y, z_saved;
   if (save_z) {
     z_saved = z;
     y = present(ia3_out) ? z * ia3_out->to(dt) : z.clone();
   } else {
     y = z;
     if (present(ia3_out)) y.mul_(ia3_out->to(dt));
-    z_saved = x.new_empty({0});
   }
-  Tensor xa;
-  if (present(lora_A)) {
-    Tensor a = lora_A->to(dt), b = lora_B->to(dt);
-    // Rank-first: [M, r] = drop(x) A^T (fused kernel with dropout: no dropped copy of x; MKL without),
-    // then y += s * xa B^T in place (MKL's beta = 1).
-    xa = p > 0.0 ? lora_down_dropout(x, *lora_A, p, seed) : at::mm(x, a.t());
-    y.addmm_(xa, b.t(), 1.0, lora_scale);
-  } else {
-    xa = x.new_empty({0});
-  }
+  if (has_lora) y.addmm_(xa, lora_B->to(dt).t(), 1.0, lora_scale);  // in place (beta = 1)
   return {y, xa, z_saved};
 }
 
@@ -447,18 +509,59 @@ std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OptTenso
   if (need_out) grads[6] = og.g_out.to(ia3_out->scalar_type());
   if (need_b) grads[2] = og.g_bias.to(bias->scalar_type());
 
+  // LoRA's rank-sized products first (the dX GEMM may accumulate onto LoRA's term):
+  //   gyb = gy B [M, r];   dB = s gy^T xa;   dA = s gyb^T drop(x);   dX += s drop(gyb A)
+  const bool has_lora = present(lora_A);
+  Tensor a, gyb;
+  if (has_lora && (need_x || need_a || need_bb)) {
+    a = lora_A->to(dt);
+    if (d.r <= kMaxKernelRank) {
+      // One pass over gy and x for gyb, dB and dA, in float32 (gyb rounded to x's dtype for MKL).
+      LowRankGrads lg = lowrank_backward(gy, *lora_B, need_bb ? *xa : Tensor(), need_a ? *x : Tensor(), lora_scale,
+                                         p, seed, need_bb, need_a);
+      gyb = lg.gyb.to(dt);
+      if (need_bb) grads[4] = lg.dB.to(lora_B->scalar_type());
+      if (need_a) grads[3] = lg.dA.to(lora_A->scalar_type());
+    } else {
+      // dB = s * gy^T xa as (xa^T gy)^T: MKL is ~2.5x faster on the wide [r, N] output than on the
+      // tall-skinny [N, r] one (same FLOPs), and the [N, r] transpose copy is tiny.
+      if (need_bb) grads[4] = at::mm(xa->t(), gy).mul_(lora_scale).t().contiguous().to(lora_B->scalar_type());
+      if (need_x || need_a) gyb = at::mm(gy, lora_B->to(dt));
+      if (need_a) {
+        Tensor xd = p > 0.0 ? dropout(*x, p, seed) : x->contiguous();
+        grads[3] = at::mm(gyb.t(), xd).mul_(lora_scale).to(lora_A->scalar_type());
+      }
+    }
+  }
+
   Tensor rowptr, value_f;
   if (present(sparse_index) && (need_x || need_in || need_val)) rowptr = sparse_row_pointers(*sparse_index, N, K);
   if (present(sparse_index) && (need_x || need_in)) value_f = as_float_in(*sparse_value, dt);
 
   if (need_x || need_in) {
-    Tensor dh = at::mm(gz, weight);
+    const bool lora_in_dx = has_lora && need_x;
+    // Without IA3 on the input, dX = s drop(gyb A) + gz W (+ gz S): LoRA's term is written first and
+    // the frozen GEMM accumulates onto it (beta = 1).  With IA3-in, dh = gz W is scaled first.
+    const bool lora_first = lora_in_dx && !present(ia3_in);
+    Tensor dh;
+    if (lora_first) {
+      dh = lora_grad_x_term(gyb, a, lora_scale, p, seed);
+      dh.addmm_(gz, weight);
+    } else {
+      dh = at::mm(gz, weight);
+    }
     if (present(sparse_index)) sparse_matmul_t_add_(dh, gz, *sparse_index, value_f, rowptr);
     if (present(ia3_in)) {
       Tensor gin = input_side_backward(dh, x, *ia3_in, need_in, need_x);
       if (need_in) grads[5] = gin.to(ia3_in->scalar_type());
     }
-    if (need_x) grads[0] = dh;
+    if (need_x) {
+      if (lora_in_dx && !lora_first) {
+        if (p > 0.0) dropout_add_(dh, at::mm(gyb, a), lora_scale, p, seed);  // mask applied in the add
+        else dh.addmm_(gyb, a, 1.0, lora_scale);                             // in place (beta = 1)
+      }
+      grads[0] = dh;
+    }
   }
   if (need_w) {
     Tensor h = present(ia3_in) ? *x * ia3_in->to(dt) : *x;
@@ -467,26 +570,6 @@ std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OptTenso
   if (need_val) {
     OptTensor scale = present(ia3_in) ? OptTensor(as_float_in(*ia3_in, dt)) : std::nullopt;
     grads[7] = sddmm(gz, x->contiguous(), scale, *sparse_index, N).to(sparse_value->scalar_type());
-  }
-  if (present(lora_A) && (need_x || need_a || need_bb)) {
-    Tensor a = lora_A->to(dt), b = lora_B->to(dt);
-    // dB = s * gy^T xa, computed as (xa^T gy)^T: MKL is ~2.5x faster on the wide [r, N] output than
-    // on the tall-skinny [N, r] one (same FLOPs), and the [N, r] transpose copy is tiny.
-    if (need_bb) grads[4] = at::mm(xa->t(), gy).mul_(lora_scale).t().contiguous().to(lora_B->scalar_type());
-    if (need_x || need_a) {
-      Tensor gyb = at::mm(gy, b);  // [M, r]: the rank-sized intermediate both gradients share
-      if (need_a) {
-        Tensor xd = p > 0.0 ? dropout(*x, p, seed) : x->contiguous();
-        grads[3] = at::mm(gyb.t(), xd).mul_(lora_scale).to(lora_A->scalar_type());
-      }
-      if (need_x) {
-        if (p > 0.0) {
-          dropout_add_(grads[0], at::mm(gyb, a), lora_scale, p, seed);
-        } else {
-          grads[0].addmm_(gyb, a, 1.0, lora_scale);  // accumulated in place (beta = 1)
-        }
-      }
-    }
   }
   for (auto& g : grads)
     if (!g.defined()) g = gy.new_empty({0});

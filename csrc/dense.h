@@ -37,19 +37,25 @@ std::vector<Tensor> peft_linear_backward_meta(const Tensor& grad_y, const OptTen
                                               const OptTensor& sparse_value, const OptTensor& xa, const OptTensor& z,
                                               double lora_scale, double p, int64_t seed, std::array<bool, 8> needs);
 
+// Every check peft_linear_forward makes on its arguments (x [M, K] contiguous), as a TORCH_CHECK
+// naming the argument; the sparse index's values are checked when the kernels read it.
+void check_forward_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
+                        const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
+                        const OptTensor& sparse_index, const OptTensor& sparse_value, double p, int64_t seed);
+
 // The whole op as one differentiable C++ op (csrc/autograd.cpp): y only, autograd in C++.
 Tensor peft_linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                             const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                             const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
-                            int64_t seed);
+                            std::optional<int64_t> seed);
 Tensor peft_linear_inference(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                              const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                              const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale,
-                             double p, int64_t seed);
+                             double p, std::optional<int64_t> seed);
 Tensor peft_linear_meta(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                         const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                         const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
-                        int64_t seed);
+                        std::optional<int64_t> seed);
 
 // Bool [rows, cols]: true where dropout keeps the element (fastpeft.mask.keep_mask), for rows
 // [first_row, first_row + rows) of a [*, cols] input.

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "dense.h"
+#include "lowrank.h"
 #include "sparse.h"
 
 TORCH_LIBRARY(fastpeft_cpp, m) {
@@ -15,11 +16,18 @@ TORCH_LIBRARY(fastpeft_cpp, m) {
       "Tensor? ia3_in, Tensor? ia3_out, Tensor? sparse_index, Tensor? sparse_value, Tensor? xa, Tensor? z, "
       "float lora_scale, float p, int seed, bool[8] needs) -> Tensor[]");
   // backward returns an empty [0] tensor for every gradient that needs[i] does not ask for.
-  // The same op with autograd in C++ (y only): the eager CPU path of fastpeft.peft_linear.
+  // The same op with autograd in C++ (y only): the eager CPU path of fastpeft.peft_linear.  x is
+  // [..., K] of any strides; seed None draws one from torch's default generator when dropout is on.
   m.def(
       "peft_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? ia3_in, "
-      "Tensor? ia3_out, Tensor? sparse_index, Tensor? sparse_value, float lora_scale, float p, int seed) -> Tensor");
+      "Tensor? ia3_out, Tensor? sparse_index, Tensor? sparse_value, float lora_scale, float p, int? seed) -> Tensor");
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");
+  // The rank-r kernels alone (r <= 32): y = bias + scale * drop(x) A^T B^T and xa = drop(x) A^T; and
+  // float32 (grad_y B, scale * grad_y^T xa, scale * (grad_y B)^T drop(x)), the last two only if xa / x given.
+  m.def("lowrank_forward(Tensor x, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale, float p, int seed) "
+        "-> (Tensor, Tensor)");
+  m.def("lowrank_backward(Tensor grad_y, Tensor lora_B, Tensor? xa, Tensor? x, float scale, float p, int seed) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("sparse_matmul(Tensor h, Tensor sparse_index, Tensor sparse_value, int n) -> Tensor");
   m.def("sparse_matmul_t(Tensor g, Tensor sparse_index, Tensor sparse_value, int k) -> Tensor");
   m.def("sddmm(Tensor g, Tensor h, Tensor sparse_index) -> Tensor");
@@ -33,6 +41,8 @@ TORCH_LIBRARY_IMPL(fastpeft_cpp, CPU, m) {
   m.impl("backward", &fastpeft::peft_linear_backward);
   m.impl("peft_linear", &fastpeft::peft_linear_inference);
   m.impl("dropout", &fastpeft::dropout);
+  m.impl("lowrank_forward", &fastpeft::lowrank_forward_op);
+  m.impl("lowrank_backward", &fastpeft::lowrank_backward_op);
   m.impl("sparse_matmul", &fastpeft::sparse_matmul_op);
   m.impl("sparse_matmul_t", &fastpeft::sparse_matmul_t_op);
   m.impl("sddmm", &fastpeft::sddmm_op);

@@ -19,6 +19,9 @@ from . import backends as _backends
 from .mask import check_seed, draw_seed
 from .validation import check_peft_linear_args
 
+# Arguments the eager C++ fast path takes as they are (bool, tensors and numpy scalars go the full path).
+_NUMBERS = (float, int)
+_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GRAD_ARGS = ("x", "weight", "bias", "lora_A", "lora_B", "ia3_in", "ia3_out", "sparse_value")
 
 
@@ -143,6 +146,21 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
     Adapter tensors may be float32 while x is bfloat16/float16; their gradients come back in
     their own dtype.  The output has x's dtype and shape [..., N].
     """
+    if (backend is None or backend == "cpp" or backend == "auto") and type(x) is Tensor and x.is_cpu \
+            and x.dtype in _CPP_DTYPES and type(lora_scale) in _NUMBERS and type(lora_dropout) in _NUMBERS \
+            and (dropout_seed is None or type(dropout_seed) is int) and not torch.compiler.is_compiling():
+        # Eager CPU fast path: one C++ op does the reshape, validation, seed draw and autograd
+        # (saving exactly what _setup_context saves).  Any Python here is paid on every layer call,
+        # and after a large GEMM has flushed the caches it costs ~10x its warm time (~0.2 ms a call
+        # for the full path below).  If the op rejects the call, the full path runs and raises
+        # the Python error that names the argument.
+        op = _backends.eager_cpu_op(backend)
+        if op is not None:
+            try:
+                return op(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
+                          lora_scale, lora_dropout, dropout_seed)
+            except (RuntimeError, TypeError, ValueError):
+                pass
     tracing = torch.compiler.is_compiling()
     check_peft_linear_args(x, weight, bias, lora_A, lora_B, lora_scale, lora_dropout, ia3_in, ia3_out,
                            sparse_index, sparse_value, check_values=not tracing)

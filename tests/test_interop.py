@@ -106,8 +106,9 @@ def test_from_peft_lora_keeps_parameters_outputs_and_optimizer(minilm, use_rslor
     assert {id(p) for p in model.parameters()} == ids  # the very same Parameter objects
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     with torch.no_grad():
-        assert rel_err(hidden(model, batch), ref) == 0.0
-        assert rel_err(hidden(pm, batch), ref) == 0.0  # the PeftModel wrapper runs the new layers
+        # Same math, not the same summation order (the C++ rank-r kernels are not MKL's): fp32 rounding.
+        assert rel_err(hidden(model, batch), ref) < 1e-5
+        assert rel_err(hidden(pm, batch), ref) < 1e-5  # the PeftModel wrapper runs the new layers
 
     # Gradients and the optimizer built before the conversion: one more step on both paths.
     loss_fn(model, batch).backward()
@@ -380,7 +381,7 @@ def test_from_peft_leaves_embedding_lora_on_peft_path_with_warning():
     assert type(model.emb).__module__.startswith("peft.")
     assert isinstance(model.q, fastpeft.LoRALinear) and isinstance(model.ff, fastpeft.LoRALinear)
     with torch.no_grad():
-        assert torch.equal(model(ids), ref)
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-6)  # fp32 summation order only
 
 
 def test_save_adapter_mixed_ranks_and_scales_round_trip_through_peft(tmp_path):

@@ -123,6 +123,22 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype = torc
     return backend
 
 
+def eager_cpu_op(name: Optional[str]) -> Optional[Callable]:
+    """``torch.ops.fastpeft_cpp.peft_linear`` when backend ``name`` (None or "auto": the global
+    choice) runs CPU tensors on the C++ backend and the extension is built, else None.
+
+    ``fastpeft.peft_linear`` calls it directly for eager CPU tensors: reshaping, validation, the
+    seed draw and autograd all happen in C++, so a call costs no Python beyond this lookup.
+    """
+    if name is None or name == "auto":
+        name = get_backend()
+    if name not in (None, "auto", "cpp") or unavailable_reason("cpp") is not None:
+        return None
+    from . import cpp
+
+    return cpp.build().peft_linear
+
+
 def _reference_loader() -> Backend:
     from . import reference
 
