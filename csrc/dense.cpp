@@ -3,10 +3,11 @@
 //   h = x * ia3_in;   z = h (W + S)^T + bias;   y = z * ia3_out + s * (drop(x) A^T) B^T
 //
 // The frozen GEMMs go to at::addmm / at::mm (MKL / oneDNN; nothing hand-written beats them), and
-// the work around them is fused: the bias is addmm's beta term, the low-rank product is formed
-// rank-first (x A^T is [M, r]) and accumulated into y in place by addmm_, the dropout mask is
-// regenerated inside the loop that applies it (never stored), and each backward elementwise step
-// (IA3 scaling, bias / IA3 reductions) is one pass over data the pass already reads.
+// the work around them is fused.  Without IA3 on the output, LoRA's branch and the bias are written
+// into y first by the rank-r kernels of lowrank.cpp (r <= 32; MKL above) and the frozen GEMM
+// accumulates onto y (beta = 1); likewise dX starts as LoRA's term and the dX GEMM adds onto it.
+// The dropout mask is regenerated inside the loops that apply it (never stored), and each backward
+// elementwise step (IA3 scaling, bias / IA3 reductions) is one pass over data the pass already reads.
 #include "dense.h"
 
 #include <type_traits>

@@ -24,13 +24,32 @@ namespace fastpeft {
 
 namespace {
 
-// 16 floats; GCC/Clang lower it to one zmm (AVX-512), two ymm (AVX2) or four xmm (SSE / NEON).
-typedef float vec16 __attribute__((vector_size(64)));
-typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+// W floats (8 or 16); GCC/Clang lower a 16-float vector to one zmm (AVX-512), two ymm (AVX2) or
+// four xmm (SSE / NEON).  The rank dimension uses W = 8 for r <= 8 (no FMAs on padding), else 16.
+template <int W>
+struct Vec;
+template <>
+struct Vec<8> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+};
+template <>
+struct Vec<16> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef float unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+};
+template <int W>
+inline typename Vec<W>::type loadv(const float* p) {
+  return *reinterpret_cast<const typename Vec<W>::unaligned*>(p);
+}
+template <int W>
+inline void storev(float* p, typename Vec<W>::type v) {
+  *reinterpret_cast<typename Vec<W>::unaligned*>(p) = v;
+}
+typedef Vec<16>::type vec16;
 constexpr int64_t kLanes = 16;
-
-inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16_unaligned*>(p); }
-inline void store16(float* p, vec16 v) { *reinterpret_cast<vec16_unaligned*>(p) = v; }
+inline vec16 load16(const float* p) { return loadv<16>(p); }
+inline void store16(float* p, vec16 v) { storev<16>(p, v); }
 
 // Rows per register block: MR x NV accumulators (plus NV operand vectors, and MR x NV xa rows in
 // the up-backward pass) must fit the register file: 32 zmm with AVX-512, 16 ymm (8 vec16) without.
@@ -54,16 +73,17 @@ inline void row_to_float(const T* __restrict__ src, float* __restrict__ dst, int
   }
 }
 
-// xa[m, j] = sum_k drop(x)[m, k] * at[k, j], at = A^T zero-padded to [K, 16 NV] float32, and with UP
+// xa[m, j] = sum_k drop(x)[m, k] * at[k, j], at = A^T zero-padded to [K, W NV] float32, and with UP
 // also y[m, n] = bias[n] + sum_j xa[m, j] * bst[j, n] (bst = scale * B^T, float32 [r, N] with row
 // stride bst_ld; bias
 // float32 [N] or null) while the block's xa rows are still in registers: y is written once.
-template <typename T, int NV, bool DROP, bool UP>
+template <typename T, int W, int NV, bool DROP, bool UP>
 void down_kernel(const T* x, const float* at, T* xa, int64_t M, int64_t K, int64_t r, DropoutKey key, float scale,
                  const float* bst = nullptr, int64_t bst_ld = 0, const float* bias = nullptr, T* y = nullptr,
                  int64_t N = 0) {
   constexpr int MR = kDownRows<NV>;
-  constexpr int64_t RP = NV * kLanes;
+  constexpr int64_t RP = NV * W;
+  using vec = typename Vec<W>::type;
   constexpr bool kInPlace = std::is_same_v<T, float> && !DROP;  // read x itself, no float copy
   const int64_t blocks = (M + MR - 1) / MR;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -84,10 +104,10 @@ void down_kernel(const T* x, const float* at, T* xa, int64_t M, int64_t K, int64
           xr[i] = buf.data() + i * ld;
         }
       }
-      vec16 acc[MR][NV] = {};
+      vec acc[MR][NV] = {};
       for (int64_t k = 0; k < K; ++k) {
-        vec16 a[NV];
-        for (int v = 0; v < NV; ++v) a[v] = load16(at + k * RP + v * kLanes);
+        vec a[NV];
+        for (int v = 0; v < NV; ++v) a[v] = loadv<W>(at + k * RP + v * W);
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
           const float s = xr[i][k];
@@ -96,7 +116,7 @@ void down_kernel(const T* x, const float* at, T* xa, int64_t M, int64_t K, int64
       }
       float xs[MR][RP];
       for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) store16(xs[i] + v * kLanes, acc[i][v]);
+        for (int v = 0; v < NV; ++v) storev<W>(xs[i] + v * W, acc[i][v]);
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < r; ++j) xa[(m0 + i) * r + j] = static_cast<T>(xs[i][j]);
       if constexpr (UP) {
@@ -144,17 +164,18 @@ void down_kernel(const T* x, const float* at, T* xa, int64_t M, int64_t K, int64
   });
 }
 
-// For each block of MR rows of chunk c, with the rank-r rows padded to 16 NV floats:
+// For each block of MR rows of chunk c, with the rank-r rows padded to W NV floats:
 //   gyb[m, :] = sum_n gy[m, n] b[n, :]                       (kept in registers, then stored)
 //   db_partial[c, n, :] += sum_m gy[m, n] xa[m, :]           (WANT_DB; while gy's rows are read)
 //   da_partial[c, k, :] += sum_m drop(x)[m, k] gyb[m, :]     (WANT_DA; gyb still in registers)
-// gy and x are each read once; the partials ([N, 16 NV] and [K, 16 NV] floats) stay in L2.
-template <typename T, int NV, bool WANT_DB, bool WANT_DA, bool DROP>
+// gy and x are each read once; the partials ([N, W NV] and [K, W NV] floats) stay in L2.
+template <typename T, int W, int NV, bool WANT_DB, bool WANT_DA, bool DROP>
 void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, float* gyb, float* db_partial,
                      float* da_partial, int64_t M, int64_t N, int64_t K, int64_t chunks, DropoutKey key,
                      float drop_scale) {
   constexpr int MR = kUpRows<NV>;
-  constexpr int64_t RP = NV * kLanes;
+  constexpr int64_t RP = NV * W;
+  using vec = typename Vec<W>::type;
   constexpr bool kGyInPlace = std::is_same_v<T, float>;
   constexpr bool kXInPlace = std::is_same_v<T, float> && !DROP;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -169,7 +190,7 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
       for (int64_t m0 = c * M / chunks; m0 < end; m0 += MR) {
         const int64_t rows = std::min<int64_t>(MR, end - m0);
         const float* row[MR];
-        vec16 xr[MR][NV] = {};
+        vec xr[MR][NV] = {};
         for (int i = 0; i < MR; ++i) {
           if (i >= rows) {
             row[i] = zero_row;
@@ -182,14 +203,14 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
             row[i] = buf.data() + i * width;
           }
           if constexpr (WANT_DB)
-            for (int v = 0; v < NV; ++v) xr[i][v] = load16(xa + (m0 + i) * RP + v * kLanes);
+            for (int v = 0; v < NV; ++v) xr[i][v] = loadv<W>(xa + (m0 + i) * RP + v * W);
         }
-        vec16 acc[MR][NV] = {};
+        vec acc[MR][NV] = {};
         for (int64_t n = 0; n < N; ++n) {
-          vec16 bv[NV], dv[NV];
+          vec bv[NV], dv[NV];
           for (int v = 0; v < NV; ++v) {
-            bv[v] = load16(b + n * RP + v * kLanes);
-            if constexpr (WANT_DB) dv[v] = load16(db + n * RP + v * kLanes);
+            bv[v] = loadv<W>(b + n * RP + v * W);
+            if constexpr (WANT_DB) dv[v] = loadv<W>(db + n * RP + v * W);
           }
 #pragma GCC unroll 8
           for (int i = 0; i < MR; ++i) {
@@ -200,10 +221,10 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
             }
           }
           if constexpr (WANT_DB)
-            for (int v = 0; v < NV; ++v) store16(db + n * RP + v * kLanes, dv[v]);
+            for (int v = 0; v < NV; ++v) storev<W>(db + n * RP + v * W, dv[v]);
         }
         for (int64_t i = 0; i < rows; ++i)
-          for (int v = 0; v < NV; ++v) store16(gyb + (m0 + i) * RP + v * kLanes, acc[i][v]);
+          for (int v = 0; v < NV; ++v) storev<W>(gyb + (m0 + i) * RP + v * W, acc[i][v]);
         if constexpr (WANT_DA) {
           for (int i = 0; i < MR; ++i) {
             if (i >= rows) {
@@ -217,14 +238,14 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
             }
           }
           for (int64_t k = 0; k < K; ++k) {
-            vec16 av[NV];
-            for (int v = 0; v < NV; ++v) av[v] = load16(da + k * RP + v * kLanes);
+            vec av[NV];
+            for (int v = 0; v < NV; ++v) av[v] = loadv<W>(da + k * RP + v * W);
 #pragma GCC unroll 8
             for (int i = 0; i < MR; ++i) {
               const float s = row[i][k];
               for (int v = 0; v < NV; ++v) av[v] += s * acc[i][v];
             }
-            for (int v = 0; v < NV; ++v) store16(da + k * RP + v * kLanes, av[v]);
+            for (int v = 0; v < NV; ++v) storev<W>(da + k * RP + v * W, av[v]);
           }
         }
       }
@@ -232,7 +253,7 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
   });
 }
 
-int64_t padded_rank(int64_t r) { return r <= kLanes ? kLanes : 2 * kLanes; }
+int64_t padded_rank(int64_t r) { return r <= 8 ? 8 : r <= kLanes ? kLanes : 2 * kLanes; }
 
 // The small operands are re-laid out by plain loops: torch's copy of a transposed [r, K] view costs
 // ~35 us a call here, as much as the kernel on a 64-row input.
@@ -272,12 +293,14 @@ void bool_dispatch(bool v, F&& f) {
   else f(std::false_type{});
 }
 
+// f(W, NV) with the rank padded to W NV floats: (8, 1) for r <= 8, (16, 1) to 16, (16, 2) to 32.
 template <typename F>
 void rank_dispatch(int64_t r, F&& f) {
   TORCH_CHECK(r >= 1 && r <= kMaxKernelRank, "fastpeft_cpp: internal: rank ", r, " is outside the low-rank kernels' "
               "range [1, ", kMaxKernelRank, "]");
-  if (r <= kLanes) f(std::integral_constant<int, 1>{});
-  else f(std::integral_constant<int, 2>{});
+  if (r <= 8) f(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{});
+  else if (r <= kLanes) f(std::integral_constant<int, 16>{}, std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 16>{}, std::integral_constant<int, 2>{});
 }
 
 }  // namespace
@@ -294,13 +317,13 @@ Tensor lowrank_down(const Tensor& x, const Tensor& lora_A, double p, int64_t see
   const float scale = static_cast<float>(1.0 / (1.0 - p));
   FASTPEFT_DISPATCH(dt, "lowrank_down", [&] {
     relayout<scalar_t>(lora_A, at_padded.data_ptr<float>(), K * rp, 1, rp);  // A^T, zero-padded
-    rank_dispatch(r, [&](auto NV) {
+    rank_dispatch(r, [&](auto Wc, auto NV) {
       if (p > 0.0)
-        down_kernel<scalar_t, decltype(NV)::value, true, false>(xc.data_ptr<scalar_t>(), at_padded.data_ptr<float>(),
-                                                                 xa.data_ptr<scalar_t>(), M, K, r, key, scale);
+        down_kernel<scalar_t, decltype(Wc)::value, decltype(NV)::value, true, false>(
+            xc.data_ptr<scalar_t>(), at_padded.data_ptr<float>(), xa.data_ptr<scalar_t>(), M, K, r, key, scale);
       else
-        down_kernel<scalar_t, decltype(NV)::value, false, false>(xc.data_ptr<scalar_t>(), at_padded.data_ptr<float>(),
-                                                                  xa.data_ptr<scalar_t>(), M, K, r, key, 1.f);
+        down_kernel<scalar_t, decltype(Wc)::value, decltype(NV)::value, false, false>(
+            xc.data_ptr<scalar_t>(), at_padded.data_ptr<float>(), xa.data_ptr<scalar_t>(), M, K, r, key, 1.f);
     });
   });
   return xa;
@@ -326,9 +349,9 @@ std::pair<Tensor, Tensor> lowrank_forward(const Tensor& x, const Tensor& lora_A,
     relayout<scalar_t>(lora_A, at_padded.data_ptr<float>(), K * rp, 1, rp);
     relayout<scalar_t>(lora_B, bst.data_ptr<float>(), r * bst_ld, 1, bst_ld, static_cast<float>(scale));
     if (present(bias)) relayout<scalar_t>(*bias, bias_f.data_ptr<float>(), N, 1, 0);
-    rank_dispatch(r, [&](auto NV) {
+    rank_dispatch(r, [&](auto Wc, auto NV) {
       bool_dispatch(p > 0.0, [&](auto DROP) {
-        down_kernel<scalar_t, decltype(NV)::value, decltype(DROP)::value, true>(
+        down_kernel<scalar_t, decltype(Wc)::value, decltype(NV)::value, decltype(DROP)::value, true>(
             xc.data_ptr<scalar_t>(), at_padded.data_ptr<float>(), xa.data_ptr<scalar_t>(), M, K, r, key,
             static_cast<float>(1.0 / (1.0 - p)), bst.data_ptr<float>(), bst_ld,
             present(bias) ? bias_f.data_ptr<float>() : nullptr, y.data_ptr<scalar_t>(), N);
@@ -358,11 +381,11 @@ LowRankGrads lowrank_backward(const Tensor& grad_y, const Tensor& lora_B, const 
   FASTPEFT_DISPATCH(dt, "lowrank_backward", [&] {
     relayout<scalar_t>(lora_B, b_padded.data_ptr<float>(), N * rp, rp, 1);
     if (want_dB) relayout<scalar_t>(xa, xa_padded.data_ptr<float>(), M * rp, rp, 1);
-    rank_dispatch(r, [&](auto NV) {
+    rank_dispatch(r, [&](auto Wc, auto NV) {
       bool_dispatch(want_dB, [&](auto DB) {
         bool_dispatch(want_dA, [&](auto DA) {
           bool_dispatch(want_dA && p > 0.0, [&](auto DROP) {
-            backward_kernel<scalar_t, decltype(NV)::value, decltype(DB)::value, decltype(DA)::value,
+            backward_kernel<scalar_t, decltype(Wc)::value, decltype(NV)::value, decltype(DB)::value, decltype(DA)::value,
                             decltype(DROP)::value>(
                 gy.data_ptr<scalar_t>(), b_padded.data_ptr<float>(), want_dB ? xa_padded.data_ptr<float>() : nullptr,
                 want_dA ? xc.data_ptr<scalar_t>() : nullptr, gyb.data_ptr<float>(),
