@@ -75,8 +75,7 @@ inline void row_to_float(const T* __restrict__ src, float* __restrict__ dst, int
 
 // xa[m, j] = sum_k drop(x)[m, k] * at[k, j], at = A^T zero-padded to [K, W NV] float32, and with UP
 // also y[m, n] = bias[n] + sum_j xa[m, j] * bst[j, n] (bst = scale * B^T, float32 [r, N] with row
-// stride bst_ld; bias
-// float32 [N] or null) while the block's xa rows are still in registers: y is written once.
+// stride bst_ld; bias float32 [N] or null) while the block's xa rows are hot: y is written once.
 template <typename T, int W, int NV, bool DROP, bool UP>
 void down_kernel(const T* x, const float* at, T* xa, int64_t M, int64_t K, int64_t r, DropoutKey key, float scale,
                  const float* bst = nullptr, int64_t bst_ld = 0, const float* bias = nullptr, T* y = nullptr,
