@@ -73,6 +73,25 @@ inline void row_to_float(const T* __restrict__ src, float* __restrict__ dst, int
   }
 }
 
+// out[i] = row m0 + i of src [*, cols] as float32, i < MR: src's own row when IN_PLACE (float input,
+// no mask), else the row dropped, scaled and converted into buf (row stride ld); rows at or past
+// `rows` (the end of M in the last block) read zero_row.
+template <int MR, bool IN_PLACE, bool DROP, typename T>
+inline void float_rows(const T* src, int64_t m0, int64_t rows, int64_t cols, float* buf, int64_t ld,
+                       const float* zero_row, const DropoutKey& key, float scale, const float* (&out)[MR]) {
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows) {
+      out[i] = zero_row;
+    } else if constexpr (IN_PLACE) {
+      out[i] = reinterpret_cast<const float*>(src) + (m0 + i) * cols;
+    } else {
+      row_to_float<T, DROP>(src + (m0 + i) * cols, buf + i * ld, cols, static_cast<uint64_t>(m0 + i) * cols, key,
+                            scale);
+      out[i] = buf + i * ld;
+    }
+  }
+}
+
 // xa[m, j] = sum_k drop(x)[m, k] * at[k, j], at = A^T zero-padded to [K, W NV] float32, and with UP
 // also y[m, n] = bias[n] + sum_j xa[m, j] * bst[j, n] (bst = scale * B^T, float32 [r, N] with row
 // stride bst_ld; bias float32 [N] or null) while the block's xa rows are hot: y is written once.
@@ -92,17 +111,7 @@ void down_kernel(const T* x, const float* at, T* xa, int64_t M, int64_t K, int64
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * MR, rows = std::min<int64_t>(MR, M - m0);
       const float* xr[MR];
-      for (int i = 0; i < MR; ++i) {
-        if (i >= rows) {
-          xr[i] = zero_row;
-        } else if constexpr (kInPlace) {
-          xr[i] = reinterpret_cast<const float*>(x) + (m0 + i) * K;
-        } else {
-          row_to_float<T, DROP>(x + (m0 + i) * K, buf.data() + i * ld, K, static_cast<uint64_t>(m0 + i) * K, key,
-                                scale);
-          xr[i] = buf.data() + i * ld;
-        }
-      }
+      float_rows<MR, kInPlace, DROP>(x, m0, rows, K, buf.data(), ld, zero_row, key, scale, xr);
       vec acc[MR][NV] = {};
       for (int64_t k = 0; k < K; ++k) {
         vec a[NV];
@@ -189,21 +198,11 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
       for (int64_t m0 = c * M / chunks; m0 < end; m0 += MR) {
         const int64_t rows = std::min<int64_t>(MR, end - m0);
         const float* row[MR];
+        float_rows<MR, kGyInPlace, false>(gy, m0, rows, N, buf.data(), width, zero_row, no_mask, 1.f, row);
         vec xr[MR][NV] = {};
-        for (int i = 0; i < MR; ++i) {
-          if (i >= rows) {
-            row[i] = zero_row;
-            continue;
-          }
-          if constexpr (kGyInPlace) {
-            row[i] = reinterpret_cast<const float*>(gy) + (m0 + i) * N;
-          } else {
-            row_to_float<T, false>(gy + (m0 + i) * N, buf.data() + i * width, N, 0, no_mask, 1.f);
-            row[i] = buf.data() + i * width;
-          }
-          if constexpr (WANT_DB)
+        if constexpr (WANT_DB)
+          for (int64_t i = 0; i < rows; ++i)
             for (int v = 0; v < NV; ++v) xr[i][v] = loadv<W>(xa + (m0 + i) * RP + v * W);
-        }
         vec acc[MR][NV] = {};
         for (int64_t n = 0; n < N; ++n) {
           vec bv[NV], dv[NV];
@@ -225,17 +224,7 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
         for (int64_t i = 0; i < rows; ++i)
           for (int v = 0; v < NV; ++v) storev<W>(gyb + (m0 + i) * RP + v * W, acc[i][v]);
         if constexpr (WANT_DA) {
-          for (int i = 0; i < MR; ++i) {
-            if (i >= rows) {
-              row[i] = zero_row;
-            } else if constexpr (kXInPlace) {
-              row[i] = reinterpret_cast<const float*>(x) + (m0 + i) * K;
-            } else {
-              row_to_float<T, DROP>(x + (m0 + i) * K, buf.data() + i * width, K,
-                                    static_cast<uint64_t>(m0 + i) * K, key, drop_scale);
-              row[i] = buf.data() + i * width;
-            }
-          }
+          float_rows<MR, kXInPlace, DROP>(x, m0, rows, K, buf.data(), width, zero_row, key, drop_scale, row);
           for (int64_t k = 0; k < K; ++k) {
             vec av[NV];
             for (int v = 0; v < NV; ++v) av[v] = loadv<W>(da + k * RP + v * W);
