@@ -4,7 +4,7 @@
 //
 // The frozen GEMMs go to at::addmm / at::mm (MKL / oneDNN; nothing hand-written beats them), and
 // the work around them is fused.  Without IA3 on the output, LoRA's branch and the bias are written
-// into y first by the rank-r kernels of lowrank.cpp (r <= 32; MKL above) and the frozen GEMM
+// into y first by the rank-r kernels of lowrank.cpp (r <= 64; MKL above) and the frozen GEMM
 // accumulates onto y (beta = 1); likewise dX starts as LoRA's term and the dX GEMM adds onto it.
 // The dropout mask is regenerated inside the loops that apply it (never stored), and each backward
 // elementwise step (IA3 scaling, bias / IA3 reductions) is one pass over data the pass already reads.

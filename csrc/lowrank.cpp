@@ -6,8 +6,10 @@
 //
 // Why not MKL: its GEMMs are tuned for large squares, and with one dimension r <= 32 they run at
 // 15-80 GFLOP/s on two cores (x A^T is slower at r = 8 than at r = 16), against ~190 for the frozen
-// GEMM beside them.  Here the r-wide result row lives in one or two vector registers (r padded to
-// 16 or 32 with zeros), MR rows of the big operand are streamed together, and each of its elements
+// GEMM beside them; at r = 64 they are as fast as these kernels, which still win there by fusing
+// the dropout mask and reading grad_y and x once.  Here the r-wide result row lives in 1-4 vector
+// registers (r padded to 8, 16, 32 or 64 with zeros), MR rows of the big operand are streamed
+// together, and each of its elements
 // is loaded once and broadcast into the FMAs of every vector of that row: the big operand is the
 // only memory traffic.  The backward pass reads grad_y and x once for all three products (MKL
 // reads grad_y twice and needs a dropped copy of x), with dB and dA accumulated into per-chunk
@@ -52,12 +54,13 @@ inline vec16 load16(const float* p) { return loadv<16>(p); }
 inline void store16(float* p, vec16 v) { storev<16>(p, v); }
 
 // Rows per register block: MR x NV accumulators (plus NV operand vectors, and MR x NV xa rows in
-// the up-backward pass) must fit the register file: 32 zmm with AVX-512, 16 ymm (8 vec16) without.
+// the backward pass) must fit the register file: 32 zmm with AVX-512, 16 ymm (8 vec16) without.
+// (Measured at 512 x 1024 x 1024: NV = 2 runs ~2x faster with 8 rows than with 4 in the forward.)
 #ifdef __AVX512F__
-template <int NV> constexpr int kDownRows = NV == 1 ? 8 : 4;
-template <int NV> constexpr int kUpRows = NV == 1 ? 8 : 4;
+template <int NV> constexpr int kDownRows = NV == 1 ? 8 : NV == 2 ? 8 : 6;
+template <int NV> constexpr int kUpRows = NV == 1 ? 8 : NV == 2 ? 6 : 3;
 #else
-template <int NV> constexpr int kDownRows = NV == 1 ? 4 : 2;
+template <int NV> constexpr int kDownRows = NV == 1 ? 4 : NV == 2 ? 2 : 1;
 template <int NV> constexpr int kUpRows = NV == 1 ? 2 : 1;
 #endif
 
@@ -241,7 +244,7 @@ void backward_kernel(const T* gy, const float* b, const float* xa, const T* x, f
   });
 }
 
-int64_t padded_rank(int64_t r) { return r <= 8 ? 8 : r <= kLanes ? kLanes : 2 * kLanes; }
+int64_t padded_rank(int64_t r) { return r <= 8 ? 8 : kLanes * ((r + kLanes - 1) / kLanes <= 2 ? (r + kLanes - 1) / kLanes : 4); }
 
 // The small operands are re-laid out by plain loops: torch's copy of a transposed [r, K] view costs
 // ~35 us a call here, as much as the kernel on a 64-row input.
@@ -281,14 +284,16 @@ void bool_dispatch(bool v, F&& f) {
   else f(std::false_type{});
 }
 
-// f(W, NV) with the rank padded to W NV floats: (8, 1) for r <= 8, (16, 1) to 16, (16, 2) to 32.
+// f(W, NV) with the rank padded to W NV floats: (8, 1) for r <= 8, (16, 1) to 16, (16, 2) to 32,
+// (16, 4) to 64.
 template <typename F>
 void rank_dispatch(int64_t r, F&& f) {
   TORCH_CHECK(r >= 1 && r <= kMaxKernelRank, "fastpeft_cpp: internal: rank ", r, " is outside the low-rank kernels' "
               "range [1, ", kMaxKernelRank, "]");
   if (r <= 8) f(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{});
   else if (r <= kLanes) f(std::integral_constant<int, 16>{}, std::integral_constant<int, 1>{});
-  else f(std::integral_constant<int, 16>{}, std::integral_constant<int, 2>{});
+  else if (r <= 2 * kLanes) f(std::integral_constant<int, 16>{}, std::integral_constant<int, 2>{});
+  else f(std::integral_constant<int, 16>{}, std::integral_constant<int, 4>{});
 }
 
 }  // namespace

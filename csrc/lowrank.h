@@ -9,7 +9,7 @@ namespace fastpeft {
 
 // Up to this rank the products below run in our kernels; above it they go to MKL, which is
 // efficient once the rank dimension fills its micro-kernel (r = 64 runs near the base GEMM's rate).
-constexpr int64_t kMaxKernelRank = 32;
+constexpr int64_t kMaxKernelRank = 64;
 
 // [M, r] in x's dtype: drop(x)[M, K] A^T, A = lora_A [r, K] (x's dtype or float32).  p = 0: no mask.
 Tensor lowrank_down(const Tensor& x, const Tensor& lora_A, double p, int64_t seed);

@@ -22,7 +22,7 @@ TORCH_LIBRARY(fastpeft_cpp, m) {
       "peft_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_A, Tensor? lora_B, Tensor? ia3_in, "
       "Tensor? ia3_out, Tensor? sparse_index, Tensor? sparse_value, float lora_scale, float p, int? seed) -> Tensor");
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");
-  // The rank-r kernels alone (r <= 32): y = bias + scale * drop(x) A^T B^T and xa = drop(x) A^T; and
+  // The rank-r kernels alone (r <= 64): y = bias + scale * drop(x) A^T B^T and xa = drop(x) A^T; and
   // float32 (grad_y B, scale * grad_y^T xa, scale * (grad_y B)^T drop(x)), the last two only if xa / x given.
   m.def("lowrank_forward(Tensor x, Tensor lora_A, Tensor lora_B, Tensor? bias, float scale, float p, int seed) "
         "-> (Tensor, Tensor)");

@@ -1,8 +1,8 @@
 """The C++ rank-r kernels (csrc/lowrank.cpp) and the eager fast path into the C++ op.
 
 The kernels are checked alone (torch.ops.fastpeft_cpp.lowrank_forward / lowrank_backward) against
-float64 over the ranks that select each code path (r <= 16: one vector per row; 17..32: two; above
-32 the fused op falls back to MKL), with sizes that exercise the vector main loops and their
+float64 over the ranks that select each code path (r <= 8: one 8-float vector per row; <= 16: one
+16-float vector; <= 32: two; <= 64: four; above 64 the fused op falls back to MKL), with sizes that exercise the vector main loops and their
 scalar tails, row blocks cut short, several reduction chunks, dropout and bf16; then through the
 whole op (forward and every gradient) at those ranks.
 """
@@ -24,7 +24,7 @@ if _REASON is not None:
 from test_cpp import GRAD_NAMES, TOL, check_against_reference, make_inputs, rel_err  # noqa: E402
 
 ops = torch.ops.fastpeft_cpp
-RANKS = [1, 7, 16, 17, 32]  # both register layouts, full and partial vectors
+RANKS = [1, 7, 16, 17, 32, 33, 64]  # every register layout, full and partial vectors
 
 
 @pytest.fixture(autouse=True)
@@ -120,8 +120,8 @@ def test_lowrank_empty_rows():
 
 
 BAD = {
-    "rank above the kernels": (lambda: ops.lowrank_forward(torch.randn(4, 8), torch.randn(33, 8),
-                                                           torch.randn(5, 33), None, 1.0, 0.0, 0), "ranks 1..32"),
+    "rank above the kernels": (lambda: ops.lowrank_forward(torch.randn(4, 8), torch.randn(65, 8),
+                                                           torch.randn(5, 65), None, 1.0, 0.0, 0), "ranks 1..64"),
     "lora_A columns": (lambda: ops.lowrank_forward(torch.randn(4, 8), torch.randn(3, 7), torch.randn(5, 3), None,
                                                    1.0, 0.0, 0), "lora_A must have shape"),
     "bias shape": (lambda: ops.lowrank_forward(torch.randn(4, 8), torch.randn(3, 8), torch.randn(5, 3),
@@ -150,7 +150,7 @@ def test_lowrank_bad_input(case):
 
 # ---- the whole op at ranks around the kernels' limit ----------------------------------------------
 
-@pytest.mark.parametrize("r", [16, 17, 32, 33, 40])
+@pytest.mark.parametrize("r", [16, 17, 33, 64, 65])
 @pytest.mark.parametrize("paths", [("lora", "bias"), ("lora", "drop"), ("lora", "drop", "ia3_in"),
                                    ("lora", "drop", "ia3_out", "bias"), ("lora", "sparse", "bias")],
                          ids=lambda c: "+".join(c))
