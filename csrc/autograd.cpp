@@ -30,7 +30,8 @@ class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> 
                                        trains(lora_B),    trains(ia3_in),         trains(ia3_out),
                                        trains(sparse_value)};
     const bool need_out = needs[6];
-    auto fwd = x.is_meta() ? &peft_linear_forward_meta : &peft_linear_forward;  // the Autograd key sees both
+    // The Autograd key sees both; on_rows has checked the arguments of a real call already.
+    auto fwd = x.is_meta() ? &peft_linear_forward_meta : &peft_linear_forward_prechecked;
     auto [y, xa, z] = fwd(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, lora_scale,
                           p, seed, /*save_z=*/need_out);
     const bool keep_x = needs[1] || needs[3] || needs[5] || needs[7];
@@ -121,8 +122,8 @@ Tensor peft_linear_inference(const Tensor& x, const Tensor& weight, const OptTen
                              double p, std::optional<int64_t> seed) {
   return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
                  /*check=*/true, [&](const Tensor& x2, double p2, int64_t s) {
-    return std::get<0>(peft_linear_forward(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                                           sparse_value, lora_scale, p2, s, false));
+    return std::get<0>(peft_linear_forward_prechecked(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out,
+                                                      sparse_index, sparse_value, lora_scale, p2, s, false));
   });
 }
 

@@ -29,53 +29,21 @@ void bool_dispatch(bool v, F&& f) {
 
 // ---- dropout -----------------------------------------------------------------------------------
 
-// out[m, k] = keep(m*K + k) ? x[m, k] * scale : 0
-template <typename T>
-void dropout_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t M, int64_t K, DropoutKey key, float scale) {
+// out[m, k] = (ADD ? out[m, k] : 0) + (keep(m*K + k) ? src[m, k] * scale : 0).  src may be out itself
+// (an in-place masked scale): the loop reads and writes the same index only.
+template <typename T, bool ADD>
+void masked_scale_kernel(const T* src, T* out, int64_t M, int64_t K, DropoutKey key, float scale) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
-      const T* xr = x + m * K;
+      const T* sr = src + m * K;
       T* o = out + m * K;
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) {
-        const float v = to_float(xr[k]) * scale;
-        o[k] = static_cast<T>(key.keep(base + k) ? v : 0.f);
-      }
-    }
-  });
-}
-
-// out[m, k] += keep(m*K + k) ? t[m, k] * scale : 0   (the dropped LoRA term of dX)
-template <typename T>
-void dropout_add_kernel(T* __restrict__ out, const T* __restrict__ t, int64_t M, int64_t K, DropoutKey key,
-                        float scale) {
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
-      const T* tr = t + m * K;
-      T* o = out + m * K;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) {
-        const float tv = to_float(tr[k]) * scale;  // loaded unconditionally so the loop vectorises
-        const float add = key.keep(base + k) ? tv : 0.f;
-        o[k] = static_cast<T>(to_float(o[k]) + add);
-      }
-    }
-  });
-}
-
-// t[m, k] = keep(m*K + k) ? t[m, k] * scale : 0, in place (the dropped LoRA term of dX)
-template <typename T>
-void dropout_scale_kernel(T* __restrict__ t, int64_t M, int64_t K, DropoutKey key, float scale) {
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
-      T* tr = t + m * K;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = to_float(tr[k]) * scale;
-        tr[k] = static_cast<T>(key.keep(base + k) ? v : 0.f);
+        const float v = to_float(sr[k]) * scale;  // loaded unconditionally so the loop vectorises
+        const float kept = key.keep(base + k) ? v : 0.f;
+        if constexpr (ADD) o[k] = static_cast<T>(to_float(o[k]) + kept);
+        else o[k] = static_cast<T>(kept);
       }
     }
   });
@@ -265,7 +233,7 @@ void dropout_add_(Tensor& out, const Tensor& t, double scale, double p, int64_t 
   const DropoutKey key(seed, p);
   const float s = static_cast<float>(scale / (1.0 - p));
   FASTPEFT_DISPATCH(out.scalar_type(), "dropout_add", [&] {
-    dropout_add_kernel<scalar_t>(out.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), M, K, key, s);
+    masked_scale_kernel<scalar_t, true>(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, K, key, s);
   });
 }
 
@@ -301,7 +269,8 @@ Tensor lora_grad_x_term(const Tensor& gyb, const Tensor& a, double scale, double
     const DropoutKey key(seed, p);
     const float s = static_cast<float>(scale / (1.0 - p));
     FASTPEFT_DISPATCH(t.scalar_type(), "dropout_scale", [&] {
-      dropout_scale_kernel<scalar_t>(t.data_ptr<scalar_t>(), t.size(0), t.size(1), key, s);
+      scalar_t* tp = t.data_ptr<scalar_t>();
+      masked_scale_kernel<scalar_t, false>(tp, tp, t.size(0), t.size(1), key, s);  // in place
     });
   } else {
     t.addmm_(gyb, a, 0.0, scale);
@@ -388,7 +357,8 @@ Tensor dropout(const Tensor& x_in, double p, int64_t seed) {
   const DropoutKey key(seed, p);
   const float scale = static_cast<float>(1.0 / (1.0 - p));
   FASTPEFT_DISPATCH(x.scalar_type(), "dropout", [&] {
-    dropout_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1), key, scale);
+    masked_scale_kernel<scalar_t, false>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0), x.size(1),
+                                         key, scale);
   });
   return out;
 }
@@ -414,6 +384,14 @@ std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Te
                                                        const OptTensor& sparse_index, const OptTensor& sparse_value,
                                                        double lora_scale, double p, int64_t seed, bool save_z) {
   check_forward_args(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed);
+  return peft_linear_forward_prechecked(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
+                                        lora_scale, p, seed, save_z);
+}
+
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(
+    const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A, const OptTensor& lora_B,
+    const OptTensor& ia3_in, const OptTensor& ia3_out, const OptTensor& sparse_index, const OptTensor& sparse_value,
+    double lora_scale, double p, int64_t seed, bool save_z) {
   const Dims d{x.size(0), x.size(1), weight.size(0), present(lora_A) ? lora_A->size(0) : 0};
   const auto dt = x.scalar_type();
 

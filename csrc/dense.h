@@ -43,6 +43,12 @@ void check_forward_args(const Tensor& x, const Tensor& weight, const OptTensor& 
                         const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                         const OptTensor& sparse_index, const OptTensor& sparse_value, double p, int64_t seed);
 
+// peft_linear_forward without its argument checks, for callers that ran check_forward_args already.
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(
+    const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A, const OptTensor& lora_B,
+    const OptTensor& ia3_in, const OptTensor& ia3_out, const OptTensor& sparse_index, const OptTensor& sparse_value,
+    double lora_scale, double p, int64_t seed, bool save_z);
+
 // The whole op as one differentiable C++ op (csrc/autograd.cpp): y only, autograd in C++.
 Tensor peft_linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                             const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
