@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from fastpeft import benchmark as fb
+from fastpeft.tools import benchmark as fb
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +66,7 @@ def bench_settings(request):
 
 @pytest.fixture
 def make_case(bench_settings):
-    """Build a layer case of the bench (``fastpeft.benchmark.make_case``) at the session's size;
+    """Build a layer case of the bench (``fastpeft.tools.benchmark.make_case``) at the session's size;
     skips when the backend has no such layer (e.g. peft has no BitFit layer)."""
 
     def build(method, backend, shape, **kw):
@@ -88,7 +88,7 @@ def run_pass():
 
 
 def _run_pass(benchmark, case, which, group_prefix, settings, **extra):
-    from fastpeft.profiling import profile_memory
+    from fastpeft.tools.profiling import profile_memory
 
     dtype = str(settings["dtype"]).replace("torch.", "")
     benchmark.group = f"{group_prefix} M={settings['tokens']} {dtype} {which}"

@@ -267,7 +267,7 @@ def main(argv=None):
         CLOCK, args.threads = time.thread_time, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    reason = fastpeft.backends.unavailable_reason("cpp")
+    reason = fastpeft.core.backends.unavailable_reason("cpp")
     if reason is not None:
         sys.exit(f"the cpp backend is not available: {reason}")
     clock = "thread CPU time" if args.clock == "cpu" else "wall clock"

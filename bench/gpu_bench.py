@@ -78,7 +78,7 @@ def require_gpu():
     import fastpeft
 
     if "triton" not in fastpeft.available_backends():
-        from fastpeft.backends import unavailable_reason
+        from fastpeft.core.backends import unavailable_reason
 
         sys.exit(f"gpu_bench: the triton backend is unavailable: {unavailable_reason('triton')}")
     return torch, fastpeft

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import fastpeft
-from fastpeft.sparse_select import select_sparse_indices
+from fastpeft.methods.sparse_select import select_sparse_indices
 
 MIB = 1024 * 1024
 BASE = "frozen base"
@@ -380,7 +380,7 @@ def main(argv=None):
     for note in slow_notes:
         print(f"# slow method, fewer rounds: {note}")
     if args.breakdown and "cpp" in available:
-        from fastpeft.backends import cpp as cpp_backend
+        from fastpeft.core.backends import cpp as cpp_backend
 
         cpp_backend.build()
         print("\n# cpp sparse kernels alone (medians, ms; % of one dense GEMM x W^T)")

@@ -6,7 +6,7 @@ materialised, a dense N x K gradient formed and then gathered), and "torch" the 
 """
 import pytest
 
-from fastpeft import benchmark as fb
+from fastpeft.tools import benchmark as fb
 
 DENSITIES = [0.001, 0.01, 0.05]
 

@@ -7,7 +7,7 @@
 
 namespace fastpeft {
 
-// Backend contract of fastpeft/backends/__init__.py: returns (y, xa, z).
+// Backend contract of fastpeft/core/backends/__init__.py: returns (y, xa, z).
 std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                        const OptTensor& lora_A, const OptTensor& lora_B,
                                                        const OptTensor& ia3_in, const OptTensor& ia3_out,

@@ -3,14 +3,14 @@
 This is the definition every backend is checked against.  It is deliberately simple: it forms
 the dropped-out copy of x and lets autograd save whatever it needs.  ``fastpeft.peft_linear``
 with ``backend="reference"`` computes the same function with a hand-written backward that saves
-no mask (see ``fastpeft.backends.reference``).
+no mask (see ``fastpeft.core.backends.reference``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .mask import check_seed, draw_seed, keep_mask
+from fastpeft.mask import check_seed, draw_seed, keep_mask
 
 
 def sparse_delta(sparse_index: torch.Tensor, sparse_value: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Triton kernels of the bottleneck adapter (fastpeft.adapters): y = h + act(h W_dᵀ + b_d) W_uᵀ + b_u.
+"""Triton kernels of the bottleneck adapter (fastpeft.methods.adapters): y = h + act(h W_dᵀ + b_d) W_uᵀ + b_u.
 
 One blocked GEMM kernel, C = A·Bᵀ with A [M, K] and B [N, K] given by strides (so transposed
 views cost nothing), carries every pass of forward and backward through constexpr flags:
@@ -28,7 +28,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
-    # codes: 0 identity, 1 relu, 2 gelu (erf), 3 silu, 4 tanh (same as fastpeft.adapters.ACTIVATIONS)
+    # codes: 0 identity, 1 relu, 2 gelu (erf), 3 silu, 4 tanh (same as fastpeft.methods.adapters.ACTIVATIONS)
     if ACT == 1:
         x = tl.where(x > 0, x, 0.0)
     elif ACT == 2:

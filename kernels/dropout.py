@@ -15,7 +15,7 @@ import triton.language as tl
 
 from fastpeft.mask import check_seed, keep_threshold, split_seed
 
-from . import _config
+from fastpeft.kernels import _config
 
 
 @triton.jit

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _config
-from ._math import dot_acc, round_to
-from .dropout import keep_bits
-from .sparse import sparse_rows_accumulate
+from fastpeft.kernels import _config
+from fastpeft.kernels._math import dot_acc, round_to
+from fastpeft.kernels.dropout import keep_bits
+from fastpeft.kernels.sparse import sparse_rows_accumulate
 
 
 @triton.jit
@@ -295,7 +295,7 @@ def bias_scale_grad(grad_y, z, scale, need_bias: bool, need_scale: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time variants: every flag combination the backend launches (fastpeft.backends.triton).
+# Ahead-of-time variants: every flag combination the backend launches (fastpeft.core.backends.triton).
 
 def _gemm_signature(x, ad, b_dtype, flags):
     """Argument types of fused_matmul_kernel as the backend passes them (absent vectors: x's type)."""

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _config
-from ._math import round_to
+from fastpeft.kernels import _config
+from fastpeft.kernels._math import round_to
 
 SDDMM_BLOCK_NZ = 16 if _config.INTERPRET else 128
 SDDMM_BLOCK_M = 16 if _config.INTERPRET else 32

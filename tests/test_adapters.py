@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.accounting import count_parameters
-from fastpeft.adapters import (ACTIVATIONS, AdapterConfig, BottleneckAdapter, adapters_of, backend_unavailable,
+from fastpeft.nn.accounting import count_parameters
+from fastpeft.methods.adapters import (ACTIVATIONS, AdapterConfig, BottleneckAdapter, adapters_of, backend_unavailable,
                                bottleneck_adapter, reference_bottleneck_adapter)
 
 CPU = torch.device("cpu")
@@ -119,10 +119,10 @@ def test_backend_choice_and_errors():
         bottleneck_adapter(h, wd, bd, wu, bu, backend="nope")
     if backend_unavailable("cpp", CPU) is None:
         with pytest.raises(RuntimeError, match="CPU tensors only"):
-            from fastpeft.adapters import _resolve
+            from fastpeft.methods.adapters import _resolve
             _resolve("cpp", torch.device("cuda"))
     # auto on CPU is the C++ backend when built, else the reference
-    from fastpeft.adapters import _resolve
+    from fastpeft.methods.adapters import _resolve
     expected = "cpp" if backend_unavailable("cpp", CPU) is None else "reference"
     assert _resolve(None, CPU).name == expected
 
@@ -177,7 +177,7 @@ def test_module_identity_at_init_and_trains():
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("transformers")
-    from fastpeft.minilm import load_minilm
+    from fastpeft.tools.minilm import load_minilm
 
     model, tokenizer = load_minilm()
     batch = tokenizer(["adapters are small", "a longer sentence about bottleneck adapters in BERT"],

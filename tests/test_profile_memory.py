@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastpeft.profiling import MemoryProfile, profile_memory
+from fastpeft.tools.profiling import MemoryProfile, profile_memory
 
 
 def _nbytes(*shape, dtype=torch.float32):

@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpeft.accounting import count_parameters
-from fastpeft.prompt import PrefixTuning, PromptTuning, extend_attention_mask
+from fastpeft.nn.accounting import count_parameters
+from fastpeft.methods.prompt import PrefixTuning, PromptTuning, extend_attention_mask
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    from fastpeft.minilm import load_minilm
+    from fastpeft.tools.minilm import load_minilm
 
     model, tokenizer = load_minilm()
     batch = tokenizer(["prefix tuning on a real model", "short one"], padding=True, return_tensors="pt")

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import fastpeft
 from fastpeft import mask
-from fastpeft.selfcheck import compare, make_case, relative_error
+from fastpeft.tools.selfcheck import compare, make_case, relative_error
 
 PATHS = ("lora", "dropout", "ia3_in", "ia3_out", "bias", "sparse")
 COMBOS = [c for n in range(1, len(PATHS) + 1) for c in itertools.combinations(PATHS, n)

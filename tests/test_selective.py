@@ -4,10 +4,10 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from fastpeft.adapters import AdapterConfig
-from fastpeft.modules import PEFTLinear
+from fastpeft.methods.adapters import AdapterConfig
+from fastpeft.nn.modules import PEFTLinear
 from fastpeft.reference import sparse_delta
-from fastpeft.selective import delta_penalty, select_layers
+from fastpeft.methods.selective import delta_penalty, select_layers
 
 
 def _net():
@@ -101,7 +101,7 @@ def test_lora_l2_never_forms_dense_delta(monkeypatch):
     """The l2 LoRA path uses only r x r Gram matrices: no [N, K] tensor is created."""
     layer = PEFTLinear.from_linear(nn.Linear(300, 200)).add_lora(4)
     _randomise(layer)
-    import fastpeft.selective as sel
+    import fastpeft.methods.selective as sel
 
     def boom(*args, **kwargs):
         raise AssertionError("dense ΔW formed")

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.reference import peft_linear as ref_peft_linear
-from fastpeft.sparse_select import count_for_density, select_sparse_by_gradient, select_sparse_indices
+from fastpeft.methods.sparse_select import count_for_density, select_sparse_by_gradient, select_sparse_indices
 
 BACKENDS = fastpeft.available_backends()
 SELECTIONS = ("random", "magnitude", "gradient")
@@ -391,7 +391,7 @@ def test_sparse_empty_batch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_bf16(backend):
     try:
-        fastpeft.backends.resolve(backend, torch.device("cpu"), torch.bfloat16)
+        fastpeft.core.backends.resolve(backend, torch.device("cpu"), torch.bfloat16)
     except TypeError as exc:  # the backend declares it does not compute in bf16 here
         pytest.skip(str(exc))
     layer = build_layer("sparse+lora", "magnitude", 4)

@@ -243,7 +243,7 @@ def test_float64_is_rejected_with_a_clear_error():
 
 
 def test_device_errors_name_the_device():
-    from fastpeft.backends.triton import BACKEND
+    from fastpeft.core.backends.triton import BACKEND
 
     assert BACKEND.unavailable() is None
     assert BACKEND.device_error(torch.device(DEVICE)) is None

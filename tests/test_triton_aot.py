@@ -4,7 +4,7 @@ The interpreter runs the kernels' Python; this compiles them through Triton's re
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin) for both targets, which catches what the interpreter
 lets through: typing and lowering errors, and configs that overflow shared memory.  The suite
 compiles each kernel once per x dtype with every code path switched on (coverage "quick");
-``python -m fastpeft.aot sm_80,sm_90`` compiles every flag combination, dtype and config.
+``python -m fastpeft.tools.aot sm_80,sm_90`` compiles every flag combination, dtype and config.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from fastpeft import aot  # noqa: E402
+from fastpeft.tools import aot  # noqa: E402
 
 
 def test_compile_all_quick_sm80_sm90():
@@ -46,7 +46,7 @@ HASH_IR = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastpeft.aot import variants
+from fastpeft.tools.aot import variants
 v = [v for v in variants("quick") if v.name == "keep_mask"][0]
 k = triton.compile(ASTSource(v.fn, v.signature, v.constexprs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": v.num_warps, "num_stages": v.num_stages})

@@ -40,10 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends as _backends
-from .accounting import remember_pretrained
-from .config import TargetModules, _check_targets, matches
-from .validation import check_positive_int
+from fastpeft.core import backends as _backends
+from fastpeft.nn.accounting import remember_pretrained
+from fastpeft.nn.config import TargetModules, _check_targets, matches
+from fastpeft.core.validation import check_positive_int
 
 # Activation codes shared with the C++ and Triton kernels (keep in sync with csrc/adapter.cpp).
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
@@ -148,7 +148,7 @@ _CPP = AdapterBackend("cpp", _cpp_forward, _cpp_backward)
 
 
 def _triton_impl() -> AdapterBackend:
-    from .kernels import adapter as kernels
+    from fastpeft.kernels import adapter as kernels
 
     return AdapterBackend("triton", kernels.adapter_forward, kernels.adapter_backward)
 
@@ -449,7 +449,7 @@ class AdapterConfig:
             sample = [n for n, _ in model.named_modules() if n][:8]
             raise ValueError(f"target_modules={self.targets!r} matched no module of the model (module names look "
                              f"like {sample})")
-        from .inject import freeze_all_but_adapters
+        from fastpeft.nn.inject import freeze_all_but_adapters
 
         freeze_all_but_adapters(model)
         for name in names:

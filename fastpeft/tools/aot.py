@@ -13,7 +13,7 @@ IEEE fp32 and in tf32):
 * every autotune config with the heaviest flag combination (the most registers and shared memory).
 
 The compilation runs in worker processes without ``TRITON_INTERPRET`` (the kernels must be real
-``JITFunction`` objects), ``jobs`` at a time.  ``python -m fastpeft.aot sm_80,sm_90`` prints the rows.
+``JITFunction`` objects), ``jobs`` at a time.  ``python -m fastpeft.tools.aot sm_80,sm_90`` prints the rows.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def variants(coverage: str = "full"):
     if coverage not in COVERAGES:
         raise ValueError(f"coverage must be one of {', '.join(COVERAGES)}, got {coverage!r}")
     if coverage not in _VARIANTS:
-        from .kernels import dropout, fused_linear, sparse
+        from fastpeft.kernels import dropout, fused_linear, sparse
 
         full = coverage == "full"
         out = list(dropout.aot_variants(None))
@@ -82,7 +82,7 @@ def _compile_one(index: int, cc: int, coverage: str = "full") -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import _config
+    from fastpeft.kernels import _config
 
     v = variants(coverage)[index]
     start = time.perf_counter()
@@ -133,7 +133,7 @@ def compile_all(targets: list[str], jobs: int | None = None, coverage: str = "fu
     procs = []
     for w in range(min(jobs, len(tasks))):
         mine = tasks[w::jobs]
-        cmd = [sys.executable, "-m", "fastpeft.aot", "--coverage", coverage, "--worker",
+        cmd = [sys.executable, "-m", "fastpeft.tools.aot", "--coverage", coverage, "--worker",
                ",".join(f"{i}:{cc}" for i, cc in mine)]
         procs.append((mine, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                              text=True)))
@@ -152,11 +152,12 @@ def compile_all(targets: list[str], jobs: int | None = None, coverage: str = "fu
 
 
 def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The folder that holds the ``fastpeft`` package (fastpeft/tools/aot.py is three levels down)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _count_variants(env, coverage: str) -> int:
-    cmd = [sys.executable, "-m", "fastpeft.aot", "--coverage", coverage, "--count"]
+    cmd = [sys.executable, "-m", "fastpeft.tools.aot", "--coverage", coverage, "--count"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"listing the Triton kernel variants failed:\n{done.stderr.strip()[-4000:]}")
@@ -166,7 +167,7 @@ def _count_variants(env, coverage: str) -> int:
 def _main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.aot",
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.tools.aot",
                                      description="Compile every Triton kernel variant ahead of time.")
     parser.add_argument("targets", nargs="?", default="sm_80,sm_90", help="comma-separated, e.g. sm_80,sm_90")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: all cores)")

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from . import reference
-from .backends import available_backends, resolve
-from .ops import peft_linear
+from fastpeft import reference
+from fastpeft.core.backends import available_backends, resolve
+from fastpeft.core.ops import peft_linear
 
 # DESIGN.md section 4: ||out - ref|| / ||ref|| against float64 (fp32 on a GPU may use tf32 dots).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}

@@ -10,8 +10,8 @@ import warnings
 
 import torch
 
-from ..reference import dropout_with_mask
-from . import Backend
+from fastpeft.reference import dropout_with_mask
+from fastpeft.core.backends import Backend
 
 # Gather-and-reduce in chunks so the SDDMM never holds more than this many M x nnz elements.
 _SDDMM_CHUNK_ELEMENTS = 1 << 22

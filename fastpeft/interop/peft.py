@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .inject import _set_submodule
-from .modules import IA3Linear, LoRALinear, PEFTLinear
+from fastpeft.nn.inject import _set_submodule
+from fastpeft.nn.modules import IA3Linear, LoRALinear, PEFTLinear
 
 _INSTALL_HINT = "pip install fastpeft[peft]"
 _PREFIX = "base_model.model."

@@ -1,7 +1,7 @@
 """Backend registry and selection.
 
 A backend implements the fused op on 2-D contiguous x as two functions (see ``Backend``); the
-autograd wiring, validation and torch.library registration live in ``fastpeft.ops`` and are
+autograd wiring, validation and torch.library registration live in ``fastpeft.core.ops`` and are
 shared by all backends.
 """
 from __future__ import annotations
@@ -134,25 +134,25 @@ def eager_cpu_op(name: Optional[str]) -> Optional[Callable]:
         name = get_backend()
     if name not in (None, "auto", "cpp") or unavailable_reason("cpp") is not None:
         return None
-    from . import cpp
+    from fastpeft.core.backends import cpp
 
     return cpp.build().peft_linear
 
 
 def _reference_loader() -> Backend:
-    from . import reference
+    from fastpeft.core.backends import reference
 
     return reference.BACKEND
 
 
 def _cpp_loader() -> Backend:
-    from . import cpp
+    from fastpeft.core.backends import cpp
 
     return cpp.BACKEND
 
 
 def _triton_loader() -> Backend:
-    from . import triton
+    from fastpeft.core.backends import triton
 
     return triton.BACKEND
 

@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends as _backends
-from .mask import check_seed, draw_seed
-from .validation import check_peft_linear_args
+from fastpeft.core import backends as _backends
+from fastpeft.mask import check_seed, draw_seed
+from fastpeft.core.validation import check_peft_linear_args
 
 # Arguments the eager C++ fast path takes as they are (bool, tensors and numpy scalars go the full path).
 _NUMBERS = (float, int)
@@ -181,7 +181,7 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
     if backend_name == "cpp" and not tracing:
         # Validated arguments the fast path above does not take as they are (a tensor seed, numpy
         # scalars): the same C++ op, which skips the Python custom-op dispatch (~0.3 ms a step).
-        from .backends import cpp as _cpp
+        from fastpeft.core.backends import cpp as _cpp
 
         return _cpp.peft_linear(x2d, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
                                 float(lora_scale), p, int(seed)).reshape(*lead, n)

@@ -3,7 +3,7 @@
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, -O3,
 -march=native, OpenMP) and cached in torch's extension directory, so later processes only load it.
 Every ``csrc/*.cpp`` goes into the one extension.  ``build()`` compiles and loads it ahead of time:
-``python -c "import fastpeft.backends.cpp as c; c.build()"`` after installing prebuilds it.  If there is no C++ compiler or the build fails,
+``python -c "import fastpeft.core.backends.cpp as c; c.build()"`` after installing prebuilds it.  If there is no C++ compiler or the build fails,
 ``BACKEND.unavailable()`` says why, and "auto" falls back to the "reference" backend.
 """
 from __future__ import annotations
@@ -19,10 +19,23 @@ from typing import Optional
 
 import torch
 
-from . import Backend
+from fastpeft.core.backends import Backend
 
 EXTENSION_NAME = "fastpeft_cpp"
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def _csrc_dir() -> str:
+    """The C++ sources: ``fastpeft.csrc`` (the repository's csrc/, mapped by pyproject's package-dir)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fastpeft.csrc")
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    # Running from a source tree that was not installed: csrc/ beside the fastpeft package.
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "csrc")
+
+
+CSRC = os.path.normpath(_csrc_dir())
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
@@ -150,7 +163,7 @@ def peft_linear(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, 
                 seed):
     """The eager path of ``fastpeft.peft_linear`` on CPU: the same kernels as forward/backward above,
     as one op whose autograd is in C++ (``fastpeft_cpp::peft_linear``), so a call costs no Python
-    custom-op dispatch.  x is [M, K] contiguous; returns y [M, N].  Saves what ``fastpeft.ops``
+    custom-op dispatch.  x is [M, K] contiguous; returns y [M, N].  Saves what ``fastpeft.core.ops``
     saves (x only if a gradient reads it, xa only if lora_B trains, z only if ia3_out trains).
     """
     return build().peft_linear(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,

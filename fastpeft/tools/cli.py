@@ -6,13 +6,13 @@ import sys
 
 
 def _check(args) -> int:
-    from .backends import available_backends
-    from .selfcheck import run_check
+    from fastpeft.core.backends import available_backends
+    from fastpeft.tools.selfcheck import run_check
 
     print(f"available backends: {', '.join(available_backends())}")
     ok = run_check(args.backends.split(",") if args.backends else None, device=args.device)
     if args.compile:
-        from .aot import compile_all
+        from fastpeft.tools.aot import compile_all
 
         targets = [t.strip() for t in args.compile.split(",") if t.strip()]
         rows = compile_all(targets, coverage=getattr(args, "compile_coverage", "full"))
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time and profile every method on every backend across layer sizes",
                            description="Speed, memory and error of every PEFT method on every available backend.")
-    from .benchmark import add_arguments
+    from fastpeft.tools.benchmark import add_arguments
 
     add_arguments(bench)
     check = sub.add_parser("check", help="compare every available backend with the float64 reference",
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
-        from .benchmark import run
+        from fastpeft.tools.benchmark import run
 
         return run(args)
     return _check(args)

@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .accounting import remember_pretrained
-from .ops import peft_linear
-from .sparse_select import select_sparse_indices
-from .validation import check_positive_int, check_sparse
+from fastpeft.nn.accounting import remember_pretrained
+from fastpeft.core.ops import peft_linear
+from fastpeft.methods.sparse_select import select_sparse_indices
+from fastpeft.core.validation import check_positive_int, check_sparse
 
 IA3_POSITIONS = ("in", "out", "both")
 # |scale| below this makes unmerge divide by (nearly) zero: the restored weight is unreliable.

@@ -147,7 +147,7 @@ def count_parameters(model: nn.Module, pretrained: Optional[Union[nn.Module, dic
     pretrained: the pre-trained model or its state_dict, to count in-place changes exactly.
     ranks: also compute the rank of each adapted layer's weight difference (an SVD per layer).
     """
-    from .modules import PEFTLinear
+    from fastpeft.nn.modules import PEFTLinear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

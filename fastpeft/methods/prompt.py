@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .accounting import remember_pretrained
-from .validation import check_positive_int
+from fastpeft.nn.accounting import remember_pretrained
+from fastpeft.core.validation import check_positive_int
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding:

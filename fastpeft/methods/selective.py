@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .accounting import _SNAPSHOTS, remember_pretrained
+from fastpeft.nn.accounting import _SNAPSHOTS, remember_pretrained
 
 KINDS = ("l2", "l1")
 _CHUNK_ELEMENTS = 1 << 22  # dense ΔW is formed at most this many entries at a time
@@ -175,8 +175,8 @@ def delta_penalty(model: nn.Module, kind: str = "l2") -> torch.Tensor:
     absolute values (Σ‖ΔW‖₁).  Returns a 0-d tensor (float32, or float64 if the adapters are);
     zero when the model has nothing adapted.  Typical use: ``loss = task_loss + λ·delta_penalty(model)``.
     """
-    from .adapters import BottleneckAdapter
-    from .modules import PEFTLinear
+    from fastpeft.methods.adapters import BottleneckAdapter
+    from fastpeft.nn.modules import PEFTLinear
 
     if kind not in KINDS:
         raise ValueError(f"kind must be 'l2' or 'l1', got {kind!r}")

@@ -19,7 +19,7 @@ Adapters are initialised randomly (not peft's zero B / unit IA3 / zero sparse va
 path contributes to the output and the error check means something; timing does not depend on
 the values.  On CUDA the default dtype is bfloat16 (adapters stay float32, as in peft).
 
-The command line is wired by ``fastpeft.cli``: ``add_arguments(parser)`` and ``run(args)``.
+The command line is wired by ``fastpeft.tools.cli``: ``add_arguments(parser)`` and ``run(args)``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .selfcheck import tolerance
+from fastpeft.tools.selfcheck import tolerance
 
 __all__ = ["SHAPES", "PRESETS", "METHODS", "add_arguments", "run", "run_bench", "machine_info",
            "format_table", "write_plot", "make_case", "LayerCase", "default_backends"]
@@ -119,7 +119,7 @@ class _FusedLayer(nn.Module):
         self.dropout_seed = None  # None: a fresh mask per call, as in training
 
     def forward(self, x):
-        from . import ops
+        from fastpeft.core import ops
 
         return ops.peft_linear(x, self.weight, self.bias, lora_A=self.lora_A, lora_B=self.lora_B,
                                lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
@@ -271,7 +271,7 @@ def _adapters(weight: torch.Tensor, r: int, density: float, gen: torch.Generator
 
     nnz = max(1, math.ceil(density * n * k))
     try:
-        from .sparse_select import select_sparse_indices
+        from fastpeft.methods.sparse_select import select_sparse_indices
 
         index = select_sparse_indices(weight, density, selection="magnitude", block=block)
     except ImportError:  # selection not in this build: random entries, sorted and unique
@@ -391,7 +391,7 @@ def _check_outputs(case: _Case, x: torch.Tensor, gy: torch.Tensor, seed: int) ->
 
 def _reference(case: _Case, x: torch.Tensor, gy: torch.Tensor, seed: int) -> dict:
     """Output and every gradient of the case's math, in float64, with fastpeft.reference."""
-    from . import reference
+    from fastpeft import reference
 
     layer = case.module
     leaves = {}
@@ -478,7 +478,7 @@ class _Progress:
 def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backends, use_peft: bool,
                  dtype: torch.dtype, device: torch.device, repeat: int, warmup: int, min_sample_s: float,
                  density: float, dropout: float, seed: int, progress: _Progress) -> list[dict]:
-    from .profiling import profile_memory
+    from fastpeft.tools.profiling import profile_memory
 
     n, k = shape.n, shape.k
     weight, frozen_bias, ad, x, gy = _shape_data(k, n, m, r, density, None, dtype, device, seed)
@@ -623,7 +623,7 @@ def _default_device() -> torch.device:
 
 def default_backends(device: torch.device) -> list[str]:
     """fastpeft backends that run natively on ``device`` (triton on CPU is the interpreter: skipped)."""
-    from .backends import _load, available_backends
+    from fastpeft.core.backends import _load, available_backends
 
     out = []
     for name in available_backends():
@@ -886,7 +886,7 @@ def _run(args) -> int:
         raise RuntimeError("--device cuda: no CUDA device is available to torch on this machine")
     dtype = _DTYPES[args.dtype] if args.dtype else None
     if args.backends is not None:
-        from .backends import unavailable_reason
+        from fastpeft.core.backends import unavailable_reason
 
         for name in args.backends:
             reason = unavailable_reason(name)
@@ -919,7 +919,7 @@ def _run(args) -> int:
     else:
         result = dict(machine=machine_info(device), versions=versions(), settings={}, rows=[])
     if args.model or args.model_only:
-        from .model_bench import format_model_table, run_model_bench
+        from fastpeft.tools.model_bench import format_model_table, run_model_bench
 
         model = run_model_bench(device=device, dtype=dtype, progress=not args.no_progress, seed=args.seed,
                                 batch=args.model_batch, seq=args.model_seq, steps=args.model_steps)

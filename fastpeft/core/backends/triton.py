@@ -11,7 +11,7 @@ Backward:
                                            one GEMM; d_ia3_in as partial sums in its epilogue
     dA = s * gyb^T x~,  dB = s * dY^T xa   contractions over M with rank-sized outputs
     dW = gz^T h (only if W trains),  d sparse_value = SDDMM over the mask (O(nnz))
-Nothing is saved here: ``fastpeft.ops`` decides what autograd keeps, and the dropout mask is
+Nothing is saved here: ``fastpeft.core.ops`` decides what autograd keeps, and the dropout mask is
 regenerated from the seed.  On CPU tensors this runs under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Optional
 
 import torch
 
-from ..kernels import _config
-from ..kernels.fused_linear import bias_scale_grad, fused_matmul, matmul_tn
-from ..kernels.sparse import csc, csr, sddmm
-from ..kernels.dropout import mask_args
-from . import Backend
+from fastpeft.kernels import _config
+from fastpeft.kernels.fused_linear import bias_scale_grad, fused_matmul, matmul_tn
+from fastpeft.kernels.sparse import csc, csr, sddmm
+from fastpeft.kernels.dropout import mask_args
+from fastpeft.core.backends import Backend
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

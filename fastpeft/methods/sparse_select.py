@@ -247,8 +247,8 @@ def accumulate_squared_gradients(model: torch.nn.Module, batches: Iterable, targ
     The model's requires_grad flags and existing ``.grad`` tensors are restored afterwards and
     its parameters are not modified.  The model runs in its current train/eval mode.
     """
-    from .config import matches
-    from .inject import _adaptable  # lazy: inject imports modules, which imports this module
+    from fastpeft.nn.config import matches
+    from fastpeft.nn.inject import _adaptable  # lazy: inject imports modules, which imports this module
 
     names = [name for name, module in model.named_modules()
              if name and _adaptable(module) and matches(name, target_modules)]

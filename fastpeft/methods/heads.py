@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .validation import check_positive_int
+from fastpeft.core.validation import check_positive_int
 
 POOLINGS = ("cls", "mean", "last", "none")
 IGNORE_INDEX = -100
@@ -193,8 +193,8 @@ class ModelWithHead(nn.Module):
                              f"{head.num_classes} classes")
         self.backbone, self.head = backbone, head
         if freeze_backbone:
-            from .adapters import BottleneckAdapter
-            from .modules import PEFTLinear
+            from fastpeft.methods.adapters import BottleneckAdapter
+            from fastpeft.nn.modules import PEFTLinear
 
             def is_peft(m):
                 return (isinstance(m, (PEFTLinear, BottleneckAdapter))

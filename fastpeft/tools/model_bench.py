@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .benchmark import load_average
+from fastpeft.tools.benchmark import load_average
 
 __all__ = ["MODEL_METHODS", "run_model_bench", "format_model_table"]
 
@@ -58,7 +58,7 @@ def _quiet_transformers() -> None:
 
 def _load(dtype):
     _quiet_transformers()
-    from .minilm import load_minilm
+    from fastpeft.tools.minilm import load_minilm
 
     return load_minilm(dtype=dtype)
 
@@ -158,8 +158,8 @@ def run_model_bench(*, device=None, dtype: Optional[torch.dtype] = None, methods
     ``losses`` and ``max_loss_rel_diff`` (fastpeft vs its peft/torch twin).  ``ok`` is False when
     a pair's losses differ by more than the tolerance.
     """
-    from .backends import resolve
-    from .profiling import profile_memory
+    from fastpeft.core.backends import resolve
+    from fastpeft.tools.profiling import profile_memory
 
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -231,7 +231,7 @@ def run_model_bench(*, device=None, dtype: Optional[torch.dtype] = None, methods
         tick(f"memory {st['method']}/{st['impl']}")
         by_cat = None
         if st["impl"].startswith("fastpeft"):  # peft's layers carry no fastpeft categories
-            from .accounting import count_parameters
+            from fastpeft.nn.accounting import count_parameters
 
             by_cat = {k: v["trainable"] for k, v in count_parameters(st["step"].model).items()}
         rows.append(dict(method=st["method"], impl=st["impl"], dtype=str(dtype).replace("torch.", ""),

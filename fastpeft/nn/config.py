@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .validation import check_positive_int
+from fastpeft.core.validation import check_positive_int
 
 TargetModules = Optional[Union[str, list[str]]]
 LORA_BIAS = ("none", "all", "lora_only")

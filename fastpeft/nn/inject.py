@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .accounting import remember_pretrained
-from .config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig, matches
-from .modules import BitFitLinear, IA3Linear, LoRALinear, PEFTLinear, SparseLinear
+from fastpeft.nn.accounting import remember_pretrained
+from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig, matches
+from fastpeft.nn.modules import BitFitLinear, IA3Linear, LoRALinear, PEFTLinear, SparseLinear
 
 _LAYER_CLASS = {LoRAConfig: LoRALinear, IA3Config: IA3Linear, BitFitConfig: BitFitLinear, SparseConfig: SparseLinear}
 
