@@ -193,6 +193,29 @@ def test_variant_placement_on_minilm(minilm):
     assert set(pfeiffer) < set(houlsby) and all(".attention." not in name for name in pfeiffer)
 
 
+def test_output_blocks_get_houlsby_placement_on_minilm(minilm):
+    """target_modules=["output"] matches BERT's attention.output / output blocks (no out_features):
+    the adapter goes after their dense layer, where Houlsby (and the default variant) puts it."""
+    base, batch = minilm
+    model = copy.deepcopy(base)
+    AdapterConfig(bottleneck=8, target_modules=["output"]).inject(model)
+    default = adapters_of(AdapterConfig(bottleneck=8).inject(copy.deepcopy(base)))
+    assert set(adapters_of(model)) == set(default) and len(default) == 12
+    assert all(n.endswith(("attention.output.dense.adapter", ".output.dense.adapter")) for n in default)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).last_hidden_state, base(**batch).last_hidden_state)
+
+
+def test_adapter_target_without_output_size_says_what_to_target(minilm):
+    base, _ = minilm
+    model = copy.deepcopy(base)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention.self'.*target one of the linear layers inside "
+                                         r"it, e.g. \['encoder.layer.0.attention.self.query'"):
+        AdapterConfig(target_modules=r"encoder\.layer\.0\.attention\.self").inject(model)
+    assert [p.requires_grad for p in model.parameters()] == flags and not adapters_of(model)
+
+
 def test_inject_on_minilm_trains(minilm):
     base, batch = minilm
     model = copy.deepcopy(base)

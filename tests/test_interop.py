@@ -242,6 +242,7 @@ def test_ia3_train_save_load_merge(minilm, tmp_path):
 def test_load_peft_trained_checkpoint_with_patterns(minilm, tmp_path):
     """A checkpoint peft wrote (rsLoRA, rank_pattern, alpha_pattern) into a plain and an injected model."""
     base, batch = minilm
+    torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"],
                         use_rslora=True, rank_pattern={"intermediate.dense": 2},
                         alpha_pattern={r"layer\.1\.attention\.self\.query": 3}, lora_dropout=0.1)
@@ -256,7 +257,8 @@ def test_load_peft_trained_checkpoint_with_patterns(minilm, tmp_path):
     assert loaded.encoder.layer[1].attention.self.query.lora_scale == pytest.approx(3 / 2)
     assert loaded.encoder.layer[0].attention.self.query.lora_dropout == 0.1
     with torch.no_grad():
-        assert rel_err(hidden(loaded, batch), ref) < 1e-6
+        # fastpeft's kernels against peft's (MKL) through six fp32 layers: DESIGN's fp32 tolerance.
+        assert rel_err(hidden(loaded, batch), ref) < 1e-5
 
     # Into a model already injected with the same shapes: values overwritten, Parameters kept.
     injected = fastpeft.load_adapter(fresh(minilm), tmp_path)
@@ -268,7 +270,7 @@ def test_load_peft_trained_checkpoint_with_patterns(minilm, tmp_path):
     fastpeft.load_adapter(injected, tmp_path)
     assert {id(p) for p in injected.parameters()} == ids
     with torch.no_grad():
-        assert rel_err(hidden(injected.eval(), batch), ref) < 1e-6
+        assert rel_err(hidden(injected.eval(), batch), ref) < 1e-5
 
 
 # ----------------------------------------------------------------------------- count_parameters

@@ -250,3 +250,47 @@ def test_count_parameters_sparse_and_pretrained_baseline():
     report = fastpeft.count_parameters(model, pretrained=pretrained)
     assert report["sparse"]["changed"] == 6
     assert set(report.ranks.values()) == {3} or max(report.ranks.values()) <= 3
+
+
+# ----------------------------------------------------------------------------- meta device (issue 12, item 15)
+@pytest.mark.parametrize("selection,block", [("random", None), ("magnitude", None), ("random", 4),
+                                             ("magnitude", 4), ("random", 5)])
+def test_sparse_layer_on_meta_device(selection, block):
+    """SparseLinear / add_sparse build on the meta device with the index size the real weight gets."""
+    real = linear(k=24, n=16)
+    with torch.device("meta"):
+        meta_lin = nn.Linear(24, 16)
+    layer = fastpeft.SparseLinear.from_linear(meta_lin, density=0.1, selection=selection, block=block, seed=2)
+    expected = fastpeft.SparseLinear.from_linear(real, density=0.1, selection=selection, block=block, seed=2)
+    assert layer.sparse_index.device.type == "meta" and layer.sparse_value.device.type == "meta"
+    assert layer.sparse_index.dtype == torch.int64 and layer.sparse_index.shape == expected.sparse_index.shape
+    assert layer.sparse_value.shape == expected.sparse_value.shape and layer.sparse_value.requires_grad
+    other = fastpeft.PEFTLinear.from_linear(meta_lin, r=2)
+    other.add_sparse(0.1, selection, block, seed=2)
+    assert other.sparse_index.shape == expected.sparse_index.shape
+    # materialise and load: the layer then computes what the real one does
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(expected.state_dict())
+    x = torch.randn(3, 24)
+    assert torch.equal(layer(x), expected(x))
+
+
+def test_sparse_on_meta_refuses_value_dependent_block_sizes():
+    with torch.device("meta"):
+        meta_lin = nn.Linear(10, 9)  # 4x4 blocks are clipped at the edges: nnz depends on which blocks win
+    with pytest.raises(ValueError, match="meta device.*indices"):
+        fastpeft.SparseLinear.from_linear(meta_lin, density=0.1, selection="magnitude", block=4)
+    idx = torch.tensor([0, 5, 17])
+    layer = fastpeft.PEFTLinear(meta_lin.weight).add_sparse(index=idx)  # given indices need no values
+    assert layer.sparse_index.shape == (3,) and layer.sparse_index.device.type == "meta"
+
+
+def test_from_linear_failure_leaves_the_linear_as_it_was():
+    lin = linear()
+    with pytest.raises(ValueError, match="position"):
+        fastpeft.PEFTLinear.from_linear(lin, r=2, ia3="sideways")
+    assert lin.weight.requires_grad and lin.bias.requires_grad
+    layer = fastpeft.PEFTLinear(lin.weight)
+    with pytest.raises(ValueError, match="already has an input"):
+        layer.add_ia3("in").add_ia3("both")  # "both" fails on "in": "out" must not be half-added
+    assert layer.ia3_out is None

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpeft.nn.accounting import count_parameters
 from fastpeft.methods.prompt import PrefixTuning, PromptTuning, extend_attention_mask
+from fastpeft.nn.accounting import count_parameters
 
 pytest.importorskip("transformers")
 
@@ -107,6 +107,8 @@ def test_prompt_training_touches_only_the_prompt(minilm):
     assert out.last_hidden_state.shape[1] == batch["input_ids"].shape[1] + 4
     report = count_parameters(pt, ranks=False)
     assert report["prompt"] == {"total": 4 * 384, "trainable": 4 * 384, "changed": 0}
+    twin = copy.deepcopy(pt)  # a copy keeps the baseline of count_parameters' "changed"
+    assert count_parameters(twin, ranks=False)["prompt"]["changed"] == 0
     out.last_hidden_state.square().mean().backward()
     assert pt.prompt.grad is not None and pt.prompt.grad.abs().sum() > 0
     torch.optim.SGD([pt.prompt], lr=1.0).step()
@@ -220,3 +222,110 @@ def test_prompt_extends_mask_types_and_labels():
     assert torch.equal(m, torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], 1))
     assert torch.equal(tt, torch.cat([torch.zeros(2, 3, dtype=ids.dtype), torch.ones_like(ids)], 1))
     assert torch.equal(labels, torch.cat([torch.full((2, 3), -100), ids], 1))
+
+
+# ----------------------------------------------------------------------------- checkpointing, copies
+def _train_without_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.train()
+
+
+def _enable_checkpointing(model, reentrant):
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:  # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+@pytest.mark.parametrize("reparameterize", [False, True])
+@pytest.mark.parametrize("mode", ["reentrant", "reentrant-frozen-inputs", "non-reentrant"])
+def test_prefix_trains_under_gradient_checkpointing(minilm, mode, reparameterize):
+    """Recomputed layers see the prefixes: gradients equal the float64 written-out BERT's.
+    frozen-inputs: no embedding hook making the layer inputs require grad (reentrant needs one)."""
+    model, _, batch = minilm
+    torch.manual_seed(5)
+    m64 = _train_without_dropout(copy.deepcopy(model).double())
+    pt = PrefixTuning(m64, 3, reparameterize=reparameterize, encoder_hidden_size=16, init_std=0.5)
+    _enable_checkpointing(m64, reentrant=mode != "non-reentrant")
+    if mode == "reentrant-frozen-inputs":
+        m64.disable_input_require_grads()
+    layers = list(m64.encoder.layer)
+    funcs = [layer._gradient_checkpointing_func for layer in layers]
+    assert all(layer.gradient_checkpointing for layer in layers)
+    keep = batch["attention_mask"].bool()
+    out = pt(**batch).last_hidden_state
+    out[keep].square().mean().backward()
+    assert [layer._gradient_checkpointing_func for layer in layers] == funcs  # the model is left as it was
+    params = [p for p in pt.parameters() if p.requires_grad]
+    assert params and all(p.grad is not None for p in params)
+    ref = bert_reference(m64, batch["input_ids"], batch["attention_mask"], prefix=pt.prefix_states())
+    _close_on_tokens(out.detach(), ref.detach(), batch["attention_mask"], 1e-10)
+    want = torch.autograd.grad(ref[keep].square().mean(), params)
+    for p, g in zip(params, want):
+        assert float((p.grad - g).norm() / g.norm()) < 1e-9
+    # and the prefixes train: one step moves the output
+    torch.optim.SGD(params, lr=10.0).step()
+    with torch.no_grad():
+        after = pt(**batch).last_hidden_state
+    assert float((after - out.detach())[keep].abs().max()) > 1e-4
+
+
+def test_prefix_refuses_checkpointing_it_cannot_see(minilm):
+    """Reentrant checkpointing called by a model directly would recompute without the prefix: refused."""
+    model, _, batch = minilm
+
+    class Direct(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert, self.config = bert, bert.config
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            def run(scale):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state * scale
+            return torch.utils.checkpoint.checkpoint(run, self.scale, use_reentrant=True)
+
+    pt = PrefixTuning(Direct(copy.deepcopy(model)), 2, freeze_model=False)
+    with pytest.raises(RuntimeError, match="gradients disabled.*checkpointing.*gradient_checkpointing_enable.*wrapper as a whole"):
+        pt(**batch)
+    with torch.no_grad():  # without gradients nothing is recomputed: fine
+        pt(**batch)
+    assert pt._active is None or not pt._active
+
+
+@pytest.mark.parametrize("reparameterize", [False, True])
+def test_prefix_deepcopy_and_pickle_carry_the_prefixes(minilm, tmp_path, reparameterize):
+    """EMA / best-model copies and torch.save: the copy has its own prefixes, hooks and training."""
+    model, _, batch = minilm
+    torch.manual_seed(6)
+    pt = PrefixTuning(copy.deepcopy(model), 3, reparameterize=reparameterize, encoder_hidden_size=16, init_std=0.5)
+    keep = batch["attention_mask"]
+    with torch.no_grad():
+        out = pt(**batch).last_hidden_state
+    torch.save(pt, tmp_path / "pt.pt")
+    loaded = torch.load(tmp_path / "pt.pt", weights_only=False)
+    for other in (copy.deepcopy(pt), loaded):
+        assert other.prefix is not pt.prefix and torch.equal(other.prefix, pt.prefix)
+        assert count_parameters(other, ranks=False)["prompt"]["changed"] == 0  # its initial values came along
+        with torch.no_grad():
+            same = other(**batch).last_hidden_state
+        _close_on_tokens(same, out, keep, 1e-6)
+        other(**batch).last_hidden_state.square().mean().backward()
+        assert other.prefix.grad is not None and pt.prefix.grad is None
+        torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=10.0).step()
+        with torch.no_grad():
+            moved = other(**batch).last_hidden_state
+            ref = bert_reference(other.model, batch["input_ids"], batch["attention_mask"], prefix=other.prefix_states())
+            again = pt(**batch).last_hidden_state
+        assert float((moved - out).abs().max()) > 1e-4
+        _close_on_tokens(moved, ref, keep, 1e-5)
+        assert torch.equal(again, out)  # the original did not move
+        assert count_parameters(other, ranks=False)["prompt"]["changed"] > 0
+        bare = other.remove()
+        with torch.no_grad():  # removing the copy's hooks leaves the original's in place
+            plain = bert_reference(bare, batch["input_ids"], batch["attention_mask"])
+            _close_on_tokens(bare(**batch).last_hidden_state, plain, keep, 1e-5)
+            assert torch.equal(pt(**batch).last_hidden_state, out)

@@ -152,3 +152,37 @@ def test_delta_penalty_errors():
     layer.merge()
     with pytest.raises(RuntimeError, match="merged"):
         delta_penalty(nn.Sequential(layer))
+
+
+# ----------------------------------------------------------------------------- sparse gradient selection (issue 12)
+def test_select_sparse_by_gradient_needs_no_selection_restated():
+    """A function named for gradient selection selects by gradient with SparseConfig's default selection."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 13, generator=g) for _ in range(2)]
+    loss_fn = lambda out, batch: out.square().mean()  # noqa: E731
+    net = _net()
+    plain = fastpeft.select_sparse_by_gradient(net, batches, fastpeft.SparseConfig(density=0.1, target_modules=["0", "2"]),
+                                               loss_fn=loss_fn)
+    explicit = fastpeft.select_sparse_by_gradient(
+        net, batches, fastpeft.SparseConfig(density=0.1, selection="gradient", target_modules=["0", "2"]), loss_fn=loss_fn)
+    assert plain.keys() == explicit.keys() == {"0", "2"}
+    assert all(torch.equal(plain[n], explicit[n]) for n in plain)
+    magnitude = fastpeft.select_sparse_indices(net[0].weight, 0.1, "magnitude")
+    assert not torch.equal(plain["0"], magnitude)  # really by gradient
+    with pytest.raises(TypeError, match="loss_fn"):
+        fastpeft.select_sparse_by_gradient(net, batches, fastpeft.SparseConfig(), loss_fn="mse")
+
+
+def test_select_sparse_by_gradient_default_targets_skip_tied_layers():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.body(self.emb(ids)))).logsumexp(-1).mean()
+
+    torch.manual_seed(0)
+    picked = fastpeft.select_sparse_by_gradient(Tied(), [torch.randint(0, 11, (2, 3))], fastpeft.SparseConfig(density=0.2))
+    assert set(picked) == {"body"}  # the layers inject(SparseConfig()) would adapt

@@ -392,13 +392,49 @@ def _adapter_hook(module: nn.Module, args, output):
     return module.adapter(output)
 
 
-def _out_features(name: str, module: nn.Module) -> int:
+def attach_adapter(module: nn.Module, adapter: "BottleneckAdapter") -> None:
+    """Make ``adapter`` the child ``adapter`` of ``module`` and apply it to ``module``'s output (a hook)."""
+    module.adapter = adapter
+    module.register_forward_hook(_adapter_hook)
+
+
+def adapter_of(module: nn.Module) -> Optional["BottleneckAdapter"]:
+    """The bottleneck adapter ``attach_adapter`` put on ``module``, or None."""
+    adapter = module._modules.get("adapter")
+    if isinstance(adapter, BottleneckAdapter) and _adapter_hook in module._forward_hooks.values():
+        return adapter
+    return None
+
+
+def is_adapter_hook(hook) -> bool:
+    """Whether ``hook`` is the forward hook that applies an attached bottleneck adapter."""
+    return hook is _adapter_hook
+
+
+def _output_size(module: nn.Module) -> Optional[int]:
     for attr in ("out_features", "nf", "embed_dim", "hidden_size"):
         v = getattr(module, attr, None)
-        if isinstance(v, int) and v > 0:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
-    raise ValueError(f"cannot tell the output size of {name!r} ({type(module).__name__}): adapters go after "
-                     "modules with an out_features attribute (nn.Linear and fastpeft layers)")
+    return None
+
+
+def _placement(name: str, module: nn.Module) -> str:
+    """Where the adapter for target ``name`` goes: the module itself when it has an output size; for a
+    block without one that holds exactly one linear layer (BERT's ``attention.output`` / ``output``:
+    dense, dropout, residual + LayerNorm), after that layer, where Houlsby et al. place it (before the
+    residual and the LayerNorm).  Anything else raises a ValueError that says what to target."""
+    if _output_size(module) is not None:
+        return name
+    linears = [n for n, c in module.named_children() if _output_size(c) is not None]
+    if len(linears) == 1:
+        return f"{name}.{linears[0]}"
+    inner = [f"{name}.{n}" for n, c in module.named_modules() if n and _output_size(c) is not None][:6]
+    hint = (f"target one of the linear layers inside it, e.g. {inner}" if inner else
+            "target a module with an out_features attribute (nn.Linear and fastpeft layers)")
+    raise ValueError(f"cannot tell the output size of {name!r} ({type(module).__name__}): a bottleneck adapter goes "
+                     f"after a linear layer; {hint}, or leave target_modules=None for the {', '.join(VARIANT_TARGETS)} "
+                     "placement (after attention.output.dense and output.dense in BERT)")
 
 
 @dataclass
@@ -408,13 +444,17 @@ class AdapterConfig:
     bottleneck: the adapter's hidden size m (>= 1); activation: see ``bottleneck_adapter``.
     variant: "houlsby" (after attention output and feed-forward output projections) or
     "pfeiffer" (after the feed-forward output only); it only chooses the default targets, so
-    ``target_modules`` (names or a regex, matched like peft) overrides it.
+    ``target_modules`` (names or a regex, matched like peft) overrides it.  A target without an
+    output size that holds exactly one linear layer (BERT's ``attention.output`` and ``output``
+    blocks) gets its adapter after that layer, where Houlsby places it: on BERT,
+    ``target_modules=["output"]`` is the Houlsby placement.
     modules_to_save: extra module names kept trainable (e.g. a task head).
 
     ``inject(model)`` freezes every parameter except the adapters (and trainable fastpeft layers
     injected earlier, and ``modules_to_save``), attaches one ``BottleneckAdapter`` as the child
-    ``adapter`` of each target and a forward hook that applies it, and returns the model.  Inject
-    other fastpeft methods (which replace nn.Linear layers) *before* adapters on the same layers.
+    ``adapter`` of each target and a forward hook that applies it, and returns the model.  Every
+    target is checked before anything changes: when it raises, the model is as it was.  Methods
+    that replace nn.Linear layers (``fastpeft.inject``) may come before or after, on the same layers.
     """
 
     bottleneck: int = 64
@@ -438,33 +478,43 @@ class AdapterConfig:
         """``target_modules`` or, when None, the variant's default placement regex."""
         return self.target_modules if self.target_modules is not None else VARIANT_TARGETS[self.variant]
 
-    def inject(self, model: nn.Module) -> nn.Module:
-        """Attach adapters in place after the matching modules; return ``model`` (see class doc)."""
+    def placements(self, model: nn.Module) -> list[str]:
+        """Names of the modules ``inject(model)`` would put an adapter after (raises what inject raises)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        names = [name for name, module in model.named_modules()
-                 if name and not isinstance(module, BottleneckAdapter) and not name.endswith(".adapter")
-                 and matches(name, self.targets)]
-        if not names:
+        matched = [(name, module) for name, module in model.named_modules()
+                   if name and not isinstance(module, BottleneckAdapter) and not name.endswith(".adapter")
+                   and matches(name, self.targets)]
+        if not matched:
             sample = [n for n, _ in model.named_modules() if n][:8]
             raise ValueError(f"target_modules={self.targets!r} matched no module of the model (module names look "
                              f"like {sample})")
-        from fastpeft.nn.inject import freeze_all_but_adapters
-
-        freeze_all_but_adapters(model)
+        names = list(dict.fromkeys(_placement(name, module) for name, module in matched))
         for name in names:
             module = model.get_submodule(name)
             if type(module).__name__ == "NonDynamicallyQuantizableLinear":
                 raise ValueError(f"{name!r} is MultiheadAttention's out_proj, whose forward MHA never calls: "
                                  "an adapter there would be skipped; target the attention module instead")
-            if isinstance(getattr(module, "adapter", None), BottleneckAdapter):
+            if isinstance(module._modules.get("adapter"), BottleneckAdapter):
                 raise ValueError(f"{name!r} already has a bottleneck adapter")
+        return names
+
+    def inject(self, model: nn.Module) -> nn.Module:
+        """Attach adapters in place after the matching modules; return ``model`` (see class doc)."""
+        names = self.placements(model)  # every check, before anything changes
+        adapters = {}
+        for name in names:
+            module = model.get_submodule(name)
             ref = next(iter(module.parameters()), None)
-            module.adapter = BottleneckAdapter(
-                _out_features(name, module), self.bottleneck, self.activation, self.bias,
+            adapters[name] = BottleneckAdapter(
+                _output_size(module), self.bottleneck, self.activation, self.bias,
                 dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None,
                 backend=self.backend)
-            module.register_forward_hook(_adapter_hook)
+        from fastpeft.nn.inject import freeze_all_but_adapters
+
+        freeze_all_but_adapters(model)
+        for name, adapter in adapters.items():
+            attach_adapter(model.get_submodule(name), adapter)
         if self.modules_to_save:
             for name, module in model.named_modules():
                 if name and matches(name, self.modules_to_save):

@@ -23,7 +23,25 @@ that take a ``cache``/``past_key_values`` argument and own key/value projections
 ``[K_ℓ; k], [V_ℓ; v]`` (transformers' own Cache protocol, which the attention calls right after
 projecting keys and values) and extends the attention mask the model built (4-D bool or
 additive float; None stays None).  Nothing is stored between calls, position ids do not shift,
-and the model runs as usual when it is called without the wrapper.
+and the model runs as usual when it is called without the wrapper.  Each hook computes its
+layer's prefix from the parameters when it runs (for the MLP: only that layer's rows), so a
+recomputed layer sees exactly what the first pass saw.
+
+Activation checkpointing (transformers' ``gradient_checkpointing_enable`` /
+``activation_checkpointing_enable``, reentrant or not): a checkpointed layer is recomputed during
+backward, after the wrapper's forward returned.  While the wrapper runs, each layer's
+``_gradient_checkpointing_func`` is wrapped (and restored afterwards) so that the function it
+checkpoints switches the hooks on whenever it runs, recompute included, and the wrapper's
+parameters are passed as extra checkpoint inputs (reentrant checkpointing back-propagates only
+when an input needs grad: this keeps it working with frozen embeddings).  Checkpointing the
+wrapper as a whole works as is.  Checkpointing that the model calls by other means cannot be
+seen, and its recompute would drop the prefix: reentrant, an attention layer that runs with
+gradients disabled inside a forward that records them raises a RuntimeError; non-reentrant,
+torch's own recompute check raises (the recomputed keys are shorter).
+
+The hooks are picklable objects holding the wrapper (no closures), so ``copy.deepcopy`` and
+``torch.save``/``torch.load`` of the wrapper give an independent copy with its own prefixes,
+hooks and ``count_parameters`` baseline.
 
 Both wrappers freeze the model (``freeze_model=False`` keeps its trainable parameters) and hold
 their parameters directly, counted as "prompt" by ``count_parameters``.
@@ -32,15 +50,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpeft.nn.accounting import remember_pretrained
 from fastpeft.core.validation import check_positive_int
+from fastpeft.nn.accounting import initial_values, remember_pretrained
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding:
@@ -63,7 +82,26 @@ def _batch_size(input_ids, inputs_embeds) -> int:
     return (input_ids if input_ids is not None else inputs_embeds).shape[0]
 
 
-class PromptTuning(nn.Module):
+class _CarriesInitialValues(nn.Module):
+    """Copies and pickles keep count_parameters' baseline (the initial values of own parameters)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        initial = {name: initial_values(p) for name, p in self.named_parameters(recurse=False)}
+        state["_initial_values"] = {name: v for name, v in initial.items() if v is not None}
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        initial = state.pop("_initial_values", {})
+        super().__setstate__(state)
+        own = dict(self.named_parameters(recurse=False))
+        for name, values in initial.items():
+            if name in own:
+                remember_pretrained(own[name], values)
+
+
+class PromptTuning(_CarriesInitialValues):
     """n learnable virtual tokens prepended to a transformers model's input embeddings.
 
     Args:
@@ -203,7 +241,7 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 def _kv_layout(module: nn.Module, config) -> tuple[int, int]:
     """(kv_heads, head_dim) of an attention module."""
-    key = getattr(module, "key", None) or getattr(module, "k_proj")
+    key = getattr(module, "key", None) or module.k_proj
     kv_dim = key.out_features
     head_dim = (getattr(module, "attention_head_size", None) or getattr(module, "head_dim", None)
                 or getattr(config, "head_dim", None))
@@ -217,7 +255,70 @@ def _kv_layout(module: nn.Module, config) -> tuple[int, int]:
     return kv_dim // head_dim, head_dim
 
 
-class PrefixTuning(nn.Module):
+class _PrefixHook:
+    """Forward pre-hook of one attention layer (a picklable object, not a closure over the wrapper)."""
+
+    def __init__(self, owner: PrefixTuning, index: int, cache_arg: str):
+        self.owner, self.index, self.cache_arg = owner, index, cache_arg
+
+    def __call__(self, module, args, kwargs):
+        owner = self.owner
+        if not owner._active:  # the model was called directly, not through this wrapper
+            return None
+        if owner._active == _IN_FORWARD and owner._grad_at_entry and not torch.is_grad_enabled():
+            raise RuntimeError(
+                f"prefix tuning: attention layer {owner.layer_names[self.index]!r} ran with gradients disabled inside "
+                "a forward that records them. That is what reentrant activation checkpointing (torch.utils.checkpoint"
+                ".checkpoint(..., use_reentrant=True)) does when the model calls it by itself: the layer would be "
+                "recomputed without the prefix and the prefixes would get wrong gradients. Enable checkpointing with "
+                "the transformers model's gradient_checkpointing_enable() / activation_checkpointing_enable() "
+                "(handled, use_reentrant=True or False), or checkpoint the PrefixTuning wrapper as a whole")
+        if kwargs.get(self.cache_arg) is not None:
+            raise ValueError("prefix tuning cannot be combined with a key/value cache (generation with "
+                             "past_key_values is not supported)")
+        key, value = owner.layer_states(self.index)
+        kwargs = dict(kwargs)
+        kwargs[self.cache_arg] = _PrefixCache(key.unsqueeze(0), value.unsqueeze(0))
+        n = owner.num_virtual_tokens
+        if "attention_mask" in kwargs:
+            kwargs["attention_mask"] = extend_attention_mask(kwargs["attention_mask"], n)
+        elif len(args) > 1 and isinstance(args[1], Tensor):
+            args = (args[0], extend_attention_mask(args[1], n), *args[2:])
+        return args, kwargs
+
+
+# PrefixTuning._active: hooks off / on in the wrapper's forward / on inside a function it checkpoints
+_OFF, _IN_FORWARD, _IN_CHECKPOINT = 0, 1, 2
+
+
+class _Activated:
+    """The function a transformers layer checkpoints, with the wrapper's hooks on whenever it runs
+    (first pass and recompute); drops the extra inputs (the wrapper's parameters) again."""
+
+    def __init__(self, owner: PrefixTuning, function, n_args: int):
+        self.owner, self.function, self.n_args = owner, function, n_args
+
+    def __call__(self, *args, **kwargs):
+        owner, before = self.owner, self.owner._active
+        owner._active = _IN_CHECKPOINT
+        try:
+            return self.function(*args[:self.n_args], **kwargs)
+        finally:
+            owner._active = before
+
+
+class _CheckpointWithPrefix:
+    """Stands in for a layer's ``_gradient_checkpointing_func`` while the wrapper runs."""
+
+    def __init__(self, owner: PrefixTuning, checkpoint):
+        self.owner, self.checkpoint = owner, checkpoint
+
+    def __call__(self, function, *args, **kwargs):
+        extra = [p for p in self.owner.parameters(recurse=False) if p.requires_grad]
+        return self.checkpoint(_Activated(self.owner, function, len(args)), *args, *extra, **kwargs)
+
+
+class PrefixTuning(_CarriesInitialValues):
     """Learnable key/value prefixes for every attention layer of a transformers model.
 
     Args:
@@ -231,6 +332,8 @@ class PrefixTuning(nn.Module):
 
     Parameters: ``prefix`` — [layers, 2, n, kv_dim] keys/values, or [n, H] MLP input embeddings
     with ``reparameterize``, plus ``mlp_in_weight``, ``mlp_in_bias``, ``mlp_out_weight``, ``mlp_out_bias``.
+    Works under transformers' gradient checkpointing (reentrant or not), and copies / pickles
+    (``copy.deepcopy``, ``torch.save``) carry the prefixes (see the module docstring).
     """
 
     PARAM_CATEGORIES = {"prefix": "prompt", "mlp_in_weight": "prompt", "mlp_in_bias": "prompt",
@@ -253,14 +356,16 @@ class PrefixTuning(nn.Module):
         ref = next(iter(model.parameters()))
         dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         kw = {"dtype": dtype, "device": ref.device}
+        hidden = getattr(config, "hidden_size", kv_dim)
+        inner = hidden
+        if reparameterize and encoder_hidden_size is not None:
+            inner = check_positive_int("encoder_hidden_size", encoder_hidden_size)
         if freeze_model:
             _freeze(model)
         self.model = model
         self.num_virtual_tokens, self.num_layers, self.reparameterize = n, len(layers), reparameterize
         self.layer_names = [name for name, _, _ in layers]
         if reparameterize:
-            hidden = getattr(config, "hidden_size", kv_dim)
-            inner = check_positive_int("encoder_hidden_size", encoder_hidden_size) if encoder_hidden_size is not None else hidden
             self.prefix = nn.Parameter(torch.randn(n, hidden, **kw) * init_std)
             self.mlp_in_weight = nn.Parameter(torch.empty(inner, hidden, **kw))
             self.mlp_in_bias = nn.Parameter(torch.zeros(inner, **kw))
@@ -273,8 +378,9 @@ class PrefixTuning(nn.Module):
             self.mlp_in_weight = self.mlp_in_bias = self.mlp_out_weight = self.mlp_out_bias = None
         for p in self.parameters(recurse=False):
             remember_pretrained(p)
-        self._active: Optional[Tensor] = None
-        self._handles = [module.register_forward_pre_hook(self._make_hook(i, arg), with_kwargs=True)
+        self._active = _OFF
+        self._grad_at_entry = False
+        self._handles = [module.register_forward_pre_hook(_PrefixHook(self, i, arg), with_kwargs=True)
                          for i, (_, module, arg) in enumerate(layers)]
 
     def prefix_states(self) -> Tensor:
@@ -288,32 +394,44 @@ class PrefixTuning(nn.Module):
             states = self.prefix
         return states.reshape(self.num_layers, 2, n, self.kv_heads, self.head_dim).transpose(2, 3)
 
-    def _make_hook(self, index: int, cache_arg: str):
-        def hook(module, args, kwargs):
-            states = self._active
-            if states is None:  # the model was called directly, not through this wrapper
-                return None
-            if kwargs.get(cache_arg) is not None:
-                raise ValueError("prefix tuning cannot be combined with a key/value cache (generation with "
-                                 "past_key_values is not supported)")
-            kwargs = dict(kwargs)
-            kwargs[cache_arg] = _PrefixCache(states[index, 0].unsqueeze(0), states[index, 1].unsqueeze(0))
-            if "attention_mask" in kwargs:
-                kwargs["attention_mask"] = extend_attention_mask(kwargs["attention_mask"], self.num_virtual_tokens)
-            elif len(args) > 1 and isinstance(args[1], Tensor):
-                args = (args[0], extend_attention_mask(args[1], self.num_virtual_tokens), *args[2:])
-            return args, kwargs
-        return hook
+    def layer_states(self, index: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of attention layer ``index``, each [kv_heads, n, head_dim] (= prefix_states()[index])."""
+        n, kv = self.num_virtual_tokens, self.kv_heads * self.head_dim
+        if self.reparameterize:  # only this layer's rows of the MLP's output
+            rows = slice(index * 2 * kv, (index + 1) * 2 * kv)
+            hidden = torch.tanh(F.linear(self.prefix, self.mlp_in_weight, self.mlp_in_bias))
+            states = F.linear(hidden, self.mlp_out_weight[rows], self.mlp_out_bias[rows]).view(n, 2, kv).transpose(0, 1)
+        else:
+            states = self.prefix[index]
+        states = states.reshape(2, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        return states[0], states[1]
+
+    def _checkpointing_layers(self) -> list[nn.Module]:
+        return [m for m in self.model.modules()
+                if getattr(m, "gradient_checkpointing", False) is True
+                and callable(getattr(m, "_gradient_checkpointing_func", None))]
 
     def forward(self, *args, **kwargs):
         """Run the model (same arguments as the model) with the prefixes in every attention layer."""
-        if self._active is not None:
+        if self._active != _OFF:
             raise RuntimeError("PrefixTuning.forward is not re-entrant")
-        self._active = self.prefix_states()
+        patched = []
+        before, grad_before = self._active, self._grad_at_entry
         try:
+            for m in self._checkpointing_layers():
+                own = "_gradient_checkpointing_func" in m.__dict__
+                original = m._gradient_checkpointing_func
+                patched.append((m, own, original))
+                m._gradient_checkpointing_func = _CheckpointWithPrefix(self, original)
+            self._active, self._grad_at_entry = _IN_FORWARD, torch.is_grad_enabled()
             return self.model(*args, **kwargs)
         finally:
-            self._active = None
+            self._active, self._grad_at_entry = before, grad_before
+            for m, own, original in reversed(patched):
+                if own:
+                    m._gradient_checkpointing_func = original
+                else:
+                    del m._gradient_checkpointing_func
 
     def remove(self) -> nn.Module:
         """Detach the hooks and return the bare model."""

@@ -20,10 +20,16 @@ entries: the fewest top-ranked blocks whose entries reach ``ceil(density * N * K
 overshoots the target by less than one block.  Ties in scores are broken towards the lower
 flat index (block index), so score-based selections do not depend on the device or on topk's
 internal order.
+
+On the meta device (deferred initialisation) a weight has no values: "random" selects as usual
+(its indices never depend on the weight), and "magnitude"/"gradient" return a meta index of the
+size the selection will have, or raise when that size depends on the values (blocks clipped at
+the edges).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -179,15 +185,21 @@ def select_sparse_indices(weight: torch.Tensor, density: Optional[float], select
             raise ValueError(f"scores must have the weight's shape [{n}, {k}], got {list(scores.shape)}")
         if not scores.is_floating_point():
             raise TypeError(f"scores must be a floating tensor, got {scores.dtype}")
-        score = scores.detach().to(device=weight.device, dtype=torch.float32)
-        if bool(torch.isnan(score).any()):
-            raise ValueError("scores contain NaN (did the loss overflow?)")
     elif scores is not None:
         raise ValueError(f"scores is only used by selection='gradient', not {selection!r}")
-    elif selection == "magnitude":
-        score = weight.detach().abs().to(torch.float32)
+    source = scores if selection == "gradient" else weight if selection == "magnitude" else None
+    if source is not None and source.device.type == "meta":
+        # No values to rank (deferred initialisation): a meta index of the size the selection will have.
+        return torch.empty(_value_free_count(n, k, count, block, selection), dtype=torch.int64, device=weight.device)
+    # Where the selection runs: the weight's device, or the scores' (CPU for "random") for a meta weight.
+    work = weight.device if weight.device.type != "meta" else (source.device if source is not None else torch.device("cpu"))
+    if source is not None:
+        score = source.detach().to(device=work, dtype=torch.float32)
+        if source is weight:
+            score = score.abs()
         if bool(torch.isnan(score).any()):
-            raise ValueError("weight contains NaN; magnitude selection is undefined")
+            raise ValueError("scores contain NaN (did the loss overflow?)" if source is scores
+                             else "weight contains NaN; magnitude selection is undefined")
     else:
         score = None
 
@@ -204,9 +216,21 @@ def select_sparse_indices(weight: torch.Tensor, density: Optional[float], select
         else:
             # best block first, ties to the lower block id (stable sort)
             order = torch.sort(_block_scores(score, block, sizes), descending=True, stable=True).indices
-        chosen = _fewest_blocks(order, sizes, count).to(weight.device)
+        chosen = _fewest_blocks(order, sizes, count).to(work)
         idx = _blocks_to_indices(chosen, n, k, block, cols)
     return idx.to(device=weight.device, dtype=torch.int64)
+
+
+def _value_free_count(n: int, k: int, count: int, block: Optional[int], selection: str) -> int:
+    """nnz of a score-based selection without looking at the scores, or a ValueError when it depends on them."""
+    if block is None:
+        return count
+    if n % block == 0 and k % block == 0:  # every block holds block² entries
+        return -(-count // (block * block)) * block * block
+    raise ValueError(f"the weight is on the meta device (it has no values), and how many entries {selection!r} "
+                     f"selection with block={block} picks depends on them when the shape [{n}, {k}] is not a "
+                     "multiple of the block: pass the indices (index= / SparseConfig(indices=...)), use "
+                     "selection='random', or select on the materialised weight")
 
 
 def _model_loss(output, batch, loss_fn: Optional[Callable]) -> torch.Tensor:
@@ -214,7 +238,7 @@ def _model_loss(output, batch, loss_fn: Optional[Callable]) -> torch.Tensor:
         loss = loss_fn(output, batch)
     elif getattr(output, "loss", None) is not None:  # Hugging Face ModelOutput with labels
         loss = output.loss
-    elif isinstance(output, dict) and output.get("loss") is not None:
+    elif isinstance(output, Mapping) and output.get("loss") is not None:
         loss = output["loss"]
     elif isinstance(output, torch.Tensor) and output.numel() == 1:
         loss = output
@@ -230,7 +254,7 @@ def _model_loss(output, batch, loss_fn: Optional[Callable]) -> torch.Tensor:
 
 
 def _run(model: torch.nn.Module, batch):
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dicts and tokenizer outputs (transformers' BatchEncoding)
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -241,17 +265,16 @@ def accumulate_squared_gradients(model: torch.nn.Module, batches: Iterable, targ
                                  loss_fn: Optional[Callable] = None) -> dict[str, torch.Tensor]:
     """Sum over ``batches`` of grad(loss)² of each target layer's weight, fp32 [N, K] per layer name.
 
-    Targets are the layers ``fastpeft.inject`` would adapt for ``target_modules``.  Only the
+    Targets are the layers ``fastpeft.inject`` would adapt for ``target_modules`` (None: every
+    linear layer whose weight is not tied to another module).  Only the
     target weights require grad while this runs; each gradient is folded into its score as soon
     as it is accumulated and then dropped, so at most one dense gradient per layer is alive.
     The model's requires_grad flags and existing ``.grad`` tensors are restored afterwards and
     its parameters are not modified.  The model runs in its current train/eval mode.
     """
-    from fastpeft.nn.config import matches
-    from fastpeft.nn.inject import _adaptable  # lazy: inject imports modules, which imports this module
+    from fastpeft.nn.inject import target_names  # lazy: inject imports modules, which imports this module
 
-    names = [name for name, module in model.named_modules()
-             if name and _adaptable(module) and matches(name, target_modules)]
+    names = target_names(model, target_modules)
     if not names:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model")
     weights = {name: model.get_submodule(name).weight for name in names}
@@ -299,19 +322,24 @@ def select_sparse_by_gradient(model: torch.nn.Module, batches: Iterable, config,
 
     Args:
         model: the (frozen) model; it is not modified (requires_grad flags and grads restored).
-        batches: an iterable of batches; a dict is called as ``model(**batch)``, a tuple/list as
-            ``model(*batch)``, anything else as ``model(batch)``.
-        config: a ``fastpeft.SparseConfig`` with ``selection="gradient"``: its ``target_modules``,
-            ``density`` and ``block`` apply.
+        batches: an iterable of batches; a mapping (a dict, a tokenizer's output) is called as
+            ``model(**batch)``, a tuple/list as ``model(*batch)``, anything else as ``model(batch)``.
+        config: a ``fastpeft.SparseConfig``: its ``target_modules``, ``density`` and ``block``
+            apply.  Its ``selection`` is not read (this function always selects by gradient), so
+            ``SparseConfig(density=0.01, target_modules=[...])`` is enough.
         loss_fn: ``loss_fn(output, batch) -> scalar``; by default the output's ``.loss`` (Hugging
             Face models given labels), a ``"loss"`` key, or the output itself when it is a scalar.
+            A model that returns hidden states (``transformers.AutoModel``) needs one.
 
     Returns ``{layer name: int64 sorted unique flat indices}``, ready for
     ``fastpeft.inject(model, SparseConfig(selection="gradient", indices=result, ...))``.
     """
-    if getattr(config, "selection", None) != "gradient":
-        raise ValueError(f"config.selection must be 'gradient' for select_sparse_by_gradient, got "
-                         f"{getattr(config, 'selection', None)!r}")
+    from fastpeft.nn.config import SparseConfig
+
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a fastpeft.SparseConfig, got {type(config).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(output, batch) -> scalar, got {type(loss_fn).__name__}")
     scores = accumulate_squared_gradients(model, batches, config.target_modules, loss_fn)
     out = {}
     for name, score in scores.items():

@@ -18,9 +18,20 @@ Baselines for in-place training come from ``pretrained`` (a state_dict or module
 pre-trained model) when given, else from snapshots fastpeft takes when it makes a pre-trained
 parameter trainable (``remember_pretrained``).  Without either, a trainable pre-trained
 parameter counts all its entries as changed (an upper bound).
+
+Accounting only reads: it never modifies the model (no merge/unmerge round trip, no flag
+flipped, no bit of any tensor changed) and does not raise on a valid model.  A merged layer is
+undone out of place in float64 (its rounding is allowed for when comparing with the baseline).
+Values equal within that rounding count as unchanged.  Where a merged IA3 scale is exactly 0,
+merge() erased the pre-trained entries: they count as changed (upper bound), and the layer's
+rank is taken from ``pretrained`` when given, else reported as None with a warning (also None,
+with a warning, for a non-finite difference).  On the meta device (no values) totals and
+trainable counts are exact, "changed" is an upper bound and ranks are None.
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Optional, Union
 
 import torch
@@ -32,10 +43,19 @@ _ROW_CHUNK = 1024
 _SNAPSHOTS = WeakIdKeyDictionary()
 
 
-def remember_pretrained(param: torch.Tensor) -> None:
-    """Keep a copy of a pre-trained parameter's values before it is trained in place."""
+def remember_pretrained(param: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+    """Keep a copy of a pre-trained parameter's values (or of ``values``: its values before
+    training, e.g. carried by a copy) before it is trained in place.  The first call wins."""
     if param not in _SNAPSHOTS:
-        _SNAPSHOTS[param] = param.detach().clone()
+        src = param if values is None else values
+        if tuple(src.shape) != tuple(param.shape):
+            raise ValueError(f"values must have the parameter's shape {list(param.shape)}, got {list(src.shape)}")
+        _SNAPSHOTS[param] = src.detach().to(param.device, param.dtype).clone()
+
+
+def initial_values(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The values ``remember_pretrained`` kept for ``param`` (None if it kept none)."""
+    return _SNAPSHOTS.get(param)
 
 
 def category_of(module: nn.Module, param_name: str) -> str:
@@ -47,7 +67,8 @@ def category_of(module: nn.Module, param_name: str) -> str:
 
 
 class ParameterReport(dict):
-    """{category: {"total", "trainable", "changed"}} with ``.ranks`` and a readable str()."""
+    """{category: {"total", "trainable", "changed"}} with ``.ranks`` (name -> int, or None when
+    unknown) and a readable str()."""
 
     def __init__(self, counts: dict, ranks: dict):
         super().__init__(counts)
@@ -65,16 +86,82 @@ class ParameterReport(dict):
         if self.ranks:
             lines.append("rank of the weight difference per adapted layer:")
             width = max(len(n) for n in self.ranks)
-            lines += [f"  {name:<{width}}  {rank}" for name, rank in self.ranks.items()]
+            lines += [f"  {name:<{width}}  {'unknown' if rank is None else rank}" for name, rank in self.ranks.items()]
         return "\n".join(lines)
 
 
-def _count_changed(param: torch.Tensor, baseline: Optional[torch.Tensor]) -> int:
+class _Unmerged:
+    """The pre-trained weight and bias of a PEFTLinear, worked out without touching the layer.
+
+    Unmerged layer: the tensors themselves (exact).  Merged layer: undo merge() out of place in
+    float64, W = (W' - s·B·A) / (ia3_out ⊗ ia3_in) - S and b = b' / ia3_out, with a per-entry
+    rounding bound ``tol`` (the merged weight was rounded to its dtype).  Entries whose IA3 scale
+    is exactly 0 were erased by merge(): ``known`` is False there (no division by zero, ever).
+    """
+
+    def __init__(self, layer):
+        w = layer.weight.detach()
+        b = layer.bias.detach() if layer.bias is not None else None
+        if not layer.merged:
+            self.weight, self.bias, self.w_tol, self.b_tol = w, b, None, None
+            self.w_known = self.b_known = None  # everything known exactly
+            return
+        eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
+        n, k = w.shape
+        ww = w.double()
+        err = ww.abs()
+        if layer.lora_A is not None:
+            low = layer.lora_scale * (layer.lora_B.detach().double() @ layer.lora_A.detach().double())
+            ww = ww - low
+            err = err + low.abs()
+        s_out = layer.ia3_out.detach().double() if layer.ia3_out is not None else ww.new_ones(n)
+        s_in = layer.ia3_in.detach().double() if layer.ia3_in is not None else ww.new_ones(k)
+        scale = s_out[:, None] * s_in[None, :]
+        self.w_known = scale != 0
+        safe = torch.where(self.w_known, scale, torch.ones_like(scale))
+        ww = torch.where(self.w_known, ww / safe, torch.zeros_like(ww))
+        err = err / safe.abs()
+        if layer.sparse_value is not None:
+            sparse = ww.new_zeros(n * k).index_add_(0, layer.sparse_index, layer.sparse_value.detach().double())
+            ww = ww - sparse.view(n, k)
+            err = err + sparse.view(n, k).abs()
+        self.weight, self.w_tol = ww, 8 * eps * err
+        self.bias, self.b_known, self.b_tol = b, None, None
+        if b is not None and layer.ia3_out is not None:
+            known = s_out != 0
+            bb = torch.where(known, b.double() / torch.where(known, s_out, torch.ones_like(s_out)),
+                             torch.zeros_like(s_out))
+            self.bias, self.b_known, self.b_tol = bb, known, 8 * eps * bb.abs()
+
+
+def _reference_of(param: torch.Tensor, baseline: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The pre-trained values of ``param``: the user's baseline, else fastpeft's snapshot, else None."""
     if baseline is not None and baseline.shape == param.shape:
-        return int((param.detach() != baseline.to(param.device, param.dtype)).sum())
+        return baseline
     if param in _SNAPSHOTS:
-        return int((param.detach() != _SNAPSHOTS[param]).sum())
-    return param.numel() if param.requires_grad else 0
+        return _SNAPSHOTS[param]
+    return None
+
+
+def _count_changed(param: torch.Tensor, baseline: Optional[torch.Tensor], unmerged=None) -> int:
+    """Entries of ``param`` that differ from its pre-trained values.
+
+    unmerged: for a merged layer's weight/bias, a callable giving (values, known, tol): the unmerged
+    values to compare instead, which entries are known, and their rounding bound.  Entries that
+    cannot be known count as changed when the parameter trains (upper bound).
+    """
+    ref = _reference_of(param, baseline)
+    if ref is None or param.is_meta or ref.is_meta:  # nothing to compare with (meta: no values)
+        return param.numel() if param.requires_grad else 0
+    if unmerged is None:
+        return int((param.detach() != ref.to(param.device, param.dtype)).sum())
+    cur, known, tol = unmerged()
+    ref = ref.to(cur.device, cur.dtype)
+    differ = ~((cur - ref).abs() <= tol) if tol is not None else cur != ref  # NaN counts as changed
+    if known is None:
+        return int(differ.sum())
+    unknown = int((~known).sum()) if param.requires_grad else 0
+    return int((differ & known).sum()) + unknown
 
 
 def _lora_changed(layer) -> int:
@@ -83,61 +170,122 @@ def _lora_changed(layer) -> int:
                for i in range(0, b.shape[0], _ROW_CHUNK))
 
 
-def _ia3_changed(layer) -> int:
-    w = layer.weight.detach()
+def _ia3_changed(layer, pre: _Unmerged) -> int:
+    """Entries of the pre-trained W that the IA3 scales change: scale != 1 and W != 0.
+
+    In a merged layer, an entry a zero scale erased, or one whose reconstruction is not exactly 0,
+    counts as nonzero (upper bound).
+    """
+    w = pre.weight
     n, k = w.shape
     s_in = layer.ia3_in.detach().float() if layer.ia3_in is not None else torch.ones(k, device=w.device)
     s_out = layer.ia3_out.detach().float() if layer.ia3_out is not None else torch.ones(n, device=w.device)
     total = 0
     for i in range(0, n, _ROW_CHUNK):
-        scale = s_out[i:i + _ROW_CHUNK, None] * s_in[None, :]
-        total += int(((scale != 1) & (w[i:i + _ROW_CHUNK] != 0)).sum())
+        rows = slice(i, i + _ROW_CHUNK)
+        scale = s_out[rows, None] * s_in[None, :]
+        nonzero = w[rows] != 0
+        if pre.w_tol is not None:  # merged: zero only when the reconstruction is exactly 0 (upper bound)
+            nonzero = nonzero | (pre.w_tol[rows] > 0)
+        if pre.w_known is not None:
+            nonzero = nonzero | ~pre.w_known[rows]
+        total += int(((scale != 1) & nonzero).sum())
     return total
 
 
-def _lora_rank(layer) -> int:
+def _finite_rank(matrix: torch.Tensor) -> Optional[int]:
+    if not bool(torch.isfinite(matrix).all()):
+        return None
+    if not bool(matrix.any()):
+        return 0
+    return int(torch.linalg.matrix_rank(matrix))
+
+
+def _lora_rank(layer) -> Optional[int]:
     # rank(B A) = rank(R_B R_A^T) with B = Q_B R_B and A^T = Q_A R_A: an r x r problem.
-    r_b = torch.linalg.qr(layer.lora_B.detach().double()).R
-    r_a = torch.linalg.qr(layer.lora_A.detach().double().t()).R
-    return int(torch.linalg.matrix_rank(r_b @ r_a.t()))
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return None
+    r_b = torch.linalg.qr(b).R
+    r_a = torch.linalg.qr(a.t()).R
+    return _finite_rank(r_b @ r_a.t())
 
 
-def _delta_rank(layer) -> int:
+def _delta_rank(name: str, layer, unmerged, baseline: Optional[torch.Tensor]) -> Optional[int]:
+    """Rank of the layer's weight difference, never modifying the layer; None when it cannot be known."""
     has_other = layer.ia3_in is not None or layer.ia3_out is not None or layer.sparse_value is not None
     if layer.lora_A is not None and not has_other:
-        return _lora_rank(layer)
-    if layer.merged:
-        layer.unmerge()
-        try:
-            delta = layer.delta_weight()
-        finally:
-            layer.merge()
+        rank = _lora_rank(layer)
+    elif not layer.merged:
+        rank = _finite_rank(layer.delta_weight())
     else:
-        delta = layer.delta_weight()
-    if not bool(delta.any()):
-        return 0
-    return int(torch.linalg.matrix_rank(delta))
+        pre = unmerged()
+        w0 = pre.weight
+        if pre.w_known is not None and not bool(pre.w_known.all()):
+            ref = _reference_of(layer.weight, baseline)
+            if ref is None:
+                warnings.warn(f"count_parameters: the rank of {name or 'the layer'}'s weight difference is unknown "
+                              "(merged with IA3 scales equal to 0, which erased pre-trained entries); pass "
+                              "pretrained= to count it", stacklevel=4)
+                return None
+            w0 = torch.where(pre.w_known, w0, ref.to(w0.device, w0.dtype))
+        w0 = w0.float()
+        rank = _finite_rank(layer._apply_paths_(w0.clone()) - w0)  # out of place: w0 is our own copy
+    if rank is None:
+        warnings.warn(f"count_parameters: {name or 'the layer'}'s weight difference has non-finite entries; "
+                      "its rank is reported as None", stacklevel=4)
+    return rank
 
 
-def _peft_linear_counts(name: str, layer, counts: dict, ranks: Optional[dict], baseline) -> None:
+def _meta_counts(layer) -> dict:
+    """Upper bounds for a layer whose tensors have no values (meta device)."""
+    entries = layer.out_features * layer.in_features
+    return {"adapter": entries if layer.lora_A is not None else 0,
+            "scaling": entries if layer.ia3_in is not None or layer.ia3_out is not None else 0,
+            "sparse": layer.sparse_value.numel() if layer.sparse_value is not None else 0}
+
+
+def _peft_linear_counts(name: str, layer, counts: dict, ranks: Optional[dict], baseline: dict,
+                        own: set) -> None:
+    """Changed counts (and rank) of a PEFTLinear; ``own``: its parameter names not counted elsewhere."""
+    if any(t.is_meta for t in layer.parameters()):
+        for cat, value in _meta_counts(layer).items():
+            counts[cat]["changed"] += value
+        for pname in ("weight", "bias"):
+            p = getattr(layer, pname)
+            if p is not None and pname in own:
+                counts[category_of(layer, pname)]["changed"] += _count_changed(p, None)
+        if ranks is not None:
+            ranks[name] = None
+        return
+    cache: list = []
+
+    def pre() -> _Unmerged:  # built only when needed (float64 copies of a merged layer)
+        if not cache:
+            cache.append(_Unmerged(layer))
+        return cache[0]
+
     changed = {"adapter": 0, "scaling": 0, "sparse": 0}
     if layer.lora_A is not None:
         changed["adapter"] = _lora_changed(layer)
     if layer.ia3_in is not None or layer.ia3_out is not None:
-        changed["scaling"] = _ia3_changed(layer)
+        changed["scaling"] = _ia3_changed(layer, pre())
     if layer.sparse_value is not None:
         changed["sparse"] = int(torch.count_nonzero(layer.sparse_value.detach()))
     for cat, value in changed.items():
         counts[cat]["changed"] += value
-    for pname in ("weight", "bias"):
-        p = getattr(layer, pname)
-        if p is not None:
-            base = baseline.get(f"{name}.{pname}" if name else pname)
-            # A merged layer's weight holds the adapters' effect, already counted above.
-            if not (layer.merged and base is None):
-                counts[category_of(layer, pname)]["changed"] += _count_changed(p, base)
+    # weight and bias: in-place changes only (a merged layer's adapter effect is counted above)
+    merged = layer.merged
+    base_w = baseline.get(f"{name}.weight" if name else "weight")
+    if "weight" in own:  # a weight tied to an earlier module was counted there
+        counts[category_of(layer, "weight")]["changed"] += _count_changed(
+            layer.weight, base_w, (lambda: (pre().weight, pre().w_known, pre().w_tol)) if merged else None)
+    if layer.bias is not None and "bias" in own:
+        base_b = baseline.get(f"{name}.bias" if name else "bias")
+        counts[category_of(layer, "bias")]["changed"] += _count_changed(
+            layer.bias, base_b, (lambda: (pre().bias, pre().b_known, pre().b_tol)) if merged else None)
     if ranks is not None:
-        ranks[name] = _delta_rank(layer)
+        ranks[name] = _delta_rank(name, layer, pre, base_w)
 
 
 def count_parameters(model: nn.Module, pretrained: Optional[Union[nn.Module, dict]] = None,
@@ -145,15 +293,25 @@ def count_parameters(model: nn.Module, pretrained: Optional[Union[nn.Module, dic
     """Parameters of ``model`` by category: total, trainable and changed (see module docstring).
 
     pretrained: the pre-trained model or its state_dict, to count in-place changes exactly.
-    ranks: also compute the rank of each adapted layer's weight difference (an SVD per layer).
+    ranks: also compute the rank of each adapted layer's weight difference (an SVD per layer);
+        a rank that cannot be known (see the module docstring) is None.
+    The model is only read, never modified.
     """
     from fastpeft.nn.modules import PEFTLinear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if pretrained is not None and not isinstance(pretrained, (nn.Module, Mapping)):
+        raise TypeError("pretrained must be an nn.Module, a state_dict (dict) or None, "
+                        f"got {type(pretrained).__name__}")
+    if not isinstance(ranks, bool):
+        raise TypeError(f"ranks must be a bool, got {type(ranks).__name__}")
     baseline = pretrained.state_dict() if isinstance(pretrained, nn.Module) else dict(pretrained or {})
+    if any(p.is_meta for p in model.parameters()):
+        warnings.warn("count_parameters: parameters on the meta device have no values: their 'changed' counts are "
+                      "upper bounds and their ranks are None", stacklevel=2)
     counts = {cat: {"total": 0, "trainable": 0, "changed": 0} for cat in CATEGORIES}
-    rank_of: dict[str, int] = {}
+    rank_of: dict[str, Optional[int]] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
         own = [(pname, p) for pname, p in module.named_parameters(recurse=False) if id(p) not in seen]
@@ -163,7 +321,7 @@ def count_parameters(model: nn.Module, pretrained: Optional[Union[nn.Module, dic
             counts[cat]["total"] += p.numel()
             counts[cat]["trainable"] += p.numel() if p.requires_grad else 0
         if isinstance(module, PEFTLinear):
-            _peft_linear_counts(name, module, counts, rank_of if ranks else None, baseline)
+            _peft_linear_counts(name, module, counts, rank_of if ranks else None, baseline, {n for n, _ in own})
             continue
         custom = getattr(module, "changed_counts", None)
         if callable(custom):

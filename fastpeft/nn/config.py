@@ -43,7 +43,9 @@ class LoRAConfig:
 
     bias: "none" (biases frozen), "all" (every bias in the model trains), "lora_only" (biases of
     the adapted layers train).  modules_to_save: extra module names kept trainable (e.g. a head).
-    target_modules None adapts every nn.Linear.
+    target_modules None adapts every nn.Linear except one whose weight is tied to another module
+    (an output layer sharing the input embeddings), as peft's "all-linear" leaves the output layer
+    out; the same default holds for every config (see fastpeft.nn.inject).
     """
 
     r: int = 8
@@ -95,7 +97,9 @@ class SparseConfig:
     """Sparse fine-tuning of a fixed fraction ``density`` of each target weight's entries.
 
     selection: "random", "magnitude" (largest |W|) or "gradient" (largest accumulated squared
-    gradient; pass the per-layer indices from fastpeft.select_sparse_by_gradient as ``indices``).
+    gradient; pass the per-layer indices from fastpeft.select_sparse_by_gradient as ``indices``,
+    which reads this config's targets, density and block, not its selection).  ``indices``, when
+    given, is used whatever the selection.
     block: b for b x b block-structured masks.  seed: makes random selection deterministic.
     """
 

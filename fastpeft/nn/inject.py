@@ -3,45 +3,39 @@
 ``inject`` replaces matching nn.Linear layers in place with PEFTLinear modules that reuse their
 weight and bias, freezes every other parameter except those the config names as trainable, and
 returns the model.  A layer that is already a PEFTLinear gains the new path instead, so methods
-combine (inject LoRA, then IA3, on the same layers).
+combine (inject LoRA, then IA3, on the same layers).  A bottleneck adapter attached to a replaced
+nn.Linear moves onto its replacement.
+
+It runs in three steps, so that a failure leaves the model exactly as it was (same modules,
+parameters, requires_grad flags, and torch's random state): check every target, build every new
+tensor off the model, then assign (which cannot fail).
+
+Tied weights: a layer whose weight is also another module's parameter (``tie_word_embeddings``:
+the output layer shares the input embedding) is left out of the default targets
+(``target_modules=None``), as peft's "all-linear" leaves out the output layer.  Targeting one
+explicitly warns, and ``merge`` refuses it: merging would rewrite the embedding too.
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch.nn as nn
 
+from fastpeft.methods.adapters import adapter_of, attach_adapter, is_adapter_hook
 from fastpeft.nn.accounting import remember_pretrained
 from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig, matches
 from fastpeft.nn.modules import BitFitLinear, IA3Linear, LoRALinear, PEFTLinear, SparseLinear
 
 _LAYER_CLASS = {LoRAConfig: LoRALinear, IA3Config: IA3Linear, BitFitConfig: BitFitLinear, SparseConfig: SparseLinear}
+_CHANGES_WEIGHT = (LoRAConfig, IA3Config, SparseConfig)  # merging these rewrites W
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def _add_path(layer: PEFTLinear, name: str, config) -> None:
-    if isinstance(config, LoRAConfig):
-        layer.add_lora(config.r, config.alpha, config.dropout, config.use_rslora)
-        if config.bias == "lora_only" and layer.bias is not None:
-            layer.train_bias()
-    elif isinstance(config, IA3Config):
-        ff = config.feedforward_modules is not None and matches(name, config.feedforward_modules)
-        layer.add_ia3("in" if ff else "out")
-    elif isinstance(config, BitFitConfig):
-        layer.train_bias()
-    elif isinstance(config, SparseConfig):
-        index = None
-        if config.indices is not None:
-            if name not in config.indices:
-                raise KeyError(f"SparseConfig.indices has no entry for layer {name!r}")
-            index = config.indices[name]
-        elif config.selection == "gradient":
-            raise ValueError("selection='gradient' needs the per-layer indices: pass "
-                             "SparseConfig(indices=fastpeft.select_sparse_by_gradient(model, batches, config))")
-        layer.add_sparse(config.density, config.selection, config.block, config.seed, index=index)
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -52,36 +46,149 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, PEFTLinear))
 
 
-def _targets(model: nn.Module, config) -> list[str]:
-    return [name for name, module in model.named_modules()
-            if name and _adaptable(module) and matches(name, config.target_modules)]
+# ----------------------------------------------------------------------------- tied weights
+def _keys(t) -> list:
+    # The same Parameter object, or the same memory seen the same way (nn.Parameter(other.data)).
+    keys = [("id", id(t))]
+    if t.device.type != "meta" and t.numel() > 0:
+        keys.append(("view", str(t.device), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype))
+    return keys
+
+
+def tied_layers(model: nn.Module) -> dict[str, str]:
+    """{layer name: name of another module that holds the same weight} for every linear layer of
+    ``model`` whose weight is shared (tied) with another module, e.g. an nn.Embedding."""
+    owners: dict = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            for key in _keys(p):
+                owners.setdefault(key, []).append((name, module))
+    tied = {}
+    for name, module in model.named_modules():
+        if not name or not _adaptable(module):
+            continue
+        others = [n for key in _keys(module.weight) for n, m in owners.get(key, []) if m is not module]
+        if others:
+            tied[name] = others[0] or "<root>"
+    return tied
+
+
+def target_names(model: nn.Module, target_modules) -> list[str]:
+    """Names of the linear layers ``inject`` adapts for ``target_modules`` (None: every one whose
+    weight is not tied to another module)."""
+    names = [name for name, module in model.named_modules()
+             if name and _adaptable(module) and matches(name, target_modules)]
+    if target_modules is None:
+        tied = tied_layers(model)
+        names = [n for n in names if n not in tied]
+    return names
+
+
+# ----------------------------------------------------------------------------- inject
+@dataclass
+class _Plan:
+    name: str
+    layer: PEFTLinear                    # the model's PEFTLinear, or the replacement (not yet in the model)
+    replaces: Optional[nn.Module] = None  # the nn.Linear it replaces
+    parts: dict = field(default_factory=dict)
+    train_bias: bool = False
+
+
+def _check_replaceable(name: str, module: nn.Module) -> None:
+    """Raise unless replacing ``module`` keeps everything attached to it (only our adapter moves)."""
+    adapter = adapter_of(module)
+    children = [n for n, c in module.named_children() if c is not adapter]
+    hooks = [h for h in module._forward_hooks.values() if not is_adapter_hook(h)]
+    others = [kind for kind in ("_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+              if getattr(module, kind, None)]
+    if children or hooks or others:
+        what = ", ".join([f"submodules {children}"] * bool(children) + [f"{len(hooks)} forward hook(s)"] * bool(hooks)
+                         + [k.strip("_").replace("_", " ") for k in others])
+        raise ValueError(f"{name!r} carries {what}: replacing it with a fastpeft layer would drop them; "
+                         "inject fastpeft methods before registering hooks or adding submodules to the layer")
+
+
+def _check(plan: _Plan, config) -> None:
+    """Every check for one target, on the layer as it is (no random draw, nothing changes)."""
+    layer, name = plan.layer, plan.name
+    if isinstance(config, LoRAConfig):
+        layer._check_lora(config.r, config.dropout)
+        plan.train_bias = config.bias == "lora_only" and layer.bias is not None
+    elif isinstance(config, IA3Config):
+        ff = config.feedforward_modules is not None and matches(name, config.feedforward_modules)
+        plan.parts = layer._ia3_parts("in" if ff else "out")
+    elif isinstance(config, BitFitConfig):
+        plan.train_bias = True
+    else:
+        index = None
+        if config.indices is not None:
+            if name not in config.indices:
+                raise ValueError(f"SparseConfig.indices has no entry for it (it has {sorted(config.indices)[:8]})")
+            index = config.indices[name]
+        elif config.selection == "gradient":
+            raise ValueError("selection='gradient' needs the per-layer indices: pass SparseConfig(indices="
+                             "fastpeft.select_sparse_by_gradient(model, batches, config, loss_fn=...))")
+        plan.parts = layer._sparse_parts(config.density, config.selection, config.block, config.seed, index=index)
 
 
 def inject(model: nn.Module, config) -> nn.Module:
     """Replace the nn.Linear layers that ``config.target_modules`` selects, in place; return model.
 
-    Every parameter the method does not train is frozen.  Raises ValueError when nothing matches.
-    Configs that carry their own placement logic (an ``inject(model)`` method) are delegated to.
+    Every parameter the method does not train is frozen.  Raises ValueError when nothing matches;
+    when it raises, the model is exactly as it was.  ``target_modules=None`` selects every linear
+    layer except tied ones (see the module doc).  Configs that carry their own placement logic (an
+    ``inject(model)`` method, e.g. AdapterConfig) are delegated to.
     """
     if hasattr(config, "inject"):
         return config.inject(model)
     if type(config) not in _LAYER_CLASS:
         raise TypeError(f"config must be LoRAConfig, IA3Config, BitFitConfig or SparseConfig, got {type(config).__name__}")
-    names = _targets(model, config)
-    if not names and not (isinstance(config, BitFitConfig) and config.target_modules is None):
-        raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
-    freeze_all_but_adapters(model)
-    for name in names:
-        module = model.get_submodule(name)
-        if not isinstance(module, PEFTLinear):
-            layer = _LAYER_CLASS[type(config)](module.weight, module.bias, backend=config.backend)
-            layer.weight.requires_grad_(False)
-            _add_path(layer, name, config)
-            _set_submodule(model, name, layer)
-        else:
-            _add_path(module, name, config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = target_names(model, config.target_modules)
     all_biases = (isinstance(config, BitFitConfig) and config.target_modules is None) or (
         isinstance(config, LoRAConfig) and config.bias == "all")
+    if not names and not all_biases:
+        raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
+
+    # 1. check every target; nothing in the model changes and nothing is drawn
+    plans = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, PEFTLinear):
+            plan = _Plan(name, module)
+        else:
+            _check_replaceable(name, module)
+            plan = _Plan(name, _LAYER_CLASS[type(config)](module.weight, module.bias, backend=config.backend), module)
+        try:
+            _check(plan, config)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            if type(exc) not in (TypeError, ValueError, RuntimeError):
+                raise
+            raise type(exc)(f"layer {name!r}: {exc}") from None
+        plans.append(plan)
+    if config.target_modules is not None and isinstance(config, _CHANGES_WEIGHT):
+        tied = tied_layers(model)
+        for name in (n for n in names if n in tied):
+            warnings.warn(f"{name!r} is a target but its weight is tied to {tied[name]!r} (tie_word_embeddings): "
+                          "training works, but fastpeft.merge will refuse it, since merging would rewrite "
+                          f"{tied[name]!r} too; untie it first (a copy of the weight) to merge", stacklevel=2)
+    # 2. build what is random (LoRA's init), still off the model
+    if isinstance(config, LoRAConfig):
+        for plan in plans:
+            plan.parts = plan.layer._lora_parts(config.r, config.alpha, config.dropout, config.use_rslora)
+    # 3. assign
+    freeze_all_but_adapters(model)
+    for plan in plans:
+        plan.layer._assign(plan.parts)
+        if plan.train_bias:
+            plan.layer.train_bias()
+        if plan.replaces is not None:
+            plan.layer.weight.requires_grad_(False)
+            adapter = adapter_of(plan.replaces)
+            if adapter is not None:
+                attach_adapter(plan.layer, adapter)
+            _set_submodule(model, plan.name, plan.layer)
     if all_biases:
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
@@ -112,11 +219,24 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+# ----------------------------------------------------------------------------- merge
 def merge(model: nn.Module) -> nn.Module:
-    """Merge every fastpeft layer of ``model`` (see PEFTLinear.merge)."""
-    for module in model.modules():
-        if isinstance(module, PEFTLinear) and not module.merged:
-            module.merge()
+    """Merge every fastpeft layer of ``model`` (see PEFTLinear.merge).
+
+    Refuses (ValueError, nothing merged) when a layer to merge has a weight tied to another
+    module: merging would rewrite that module too (the input embeddings of a tied output layer).
+    """
+    todo = [(name, m) for name, m in model.named_modules() if isinstance(m, PEFTLinear) and not m.merged]
+    tied = tied_layers(model)
+    refused = [f"{name!r} (tied to {tied[name]!r})" for name, m in todo if name in tied
+               and any(t is not None for t in (m.lora_A, m.ia3_in, m.ia3_out, m.sparse_value))]
+    if refused:
+        raise ValueError(f"cannot merge {', '.join(refused)}: the weight is shared, so merging would rewrite the other "
+                         "module too (tie_word_embeddings). Keep the model unmerged (it computes the same outputs), "
+                         "or untie first: layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), "
+                         "requires_grad=False)")
+    for _, module in todo:
+        module.merge()
     return model
 
 

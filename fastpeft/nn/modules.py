@@ -75,17 +75,18 @@ class PEFTLinear(nn.Module):
         """
         _check_linear(linear)
         layer = cls(linear.weight, linear.bias, backend=backend)
-        layer.weight.requires_grad_(False)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
         if r:
             layer.add_lora(r, alpha if alpha is not None else r, dropout, use_rslora)
         if ia3 is not None:
             layer.add_ia3(ia3)
-        if train_bias:
-            layer.train_bias()
         if density is not None:
             layer.add_sparse(density, selection, block, seed)
+        # linear's own tensors change (frozen) only once every path was built
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        if train_bias:
+            layer.train_bias()
         return layer
 
     def _new_param(self, tensor: torch.Tensor) -> nn.Parameter:
@@ -95,36 +96,53 @@ class PEFTLinear(nn.Module):
         if self._merged:
             raise RuntimeError(f"cannot {what} while the layer is merged; call unmerge() first")
 
+    def _assign(self, parts: dict) -> "PEFTLinear":
+        # Parameters, the sparse_index buffer and plain attributes alike: nothing here can fail.
+        for name, value in parts.items():
+            setattr(self, name, value)
+        return self
+
     def add_lora(self, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False) -> "PEFTLinear":
         """Add a LoRA path: lora_A Kaiming-uniform [r, K], lora_B zeros [N, r]."""
+        return self._assign(self._lora_parts(r, alpha, dropout, use_rslora))
+
+    def _lora_parts(self, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False) -> dict:
+        """Validate and build what ``add_lora`` adds, as {attribute: value}; the layer is not changed."""
+        self._check_lora(r, dropout)
+        a = torch.empty(r, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's (and nn.Linear's) init for lora_A
+        return {"lora_A": self._new_param(a), "lora_B": self._new_param(torch.zeros(self.out_features, r)),
+                "r": r, "lora_alpha": float(alpha), "lora_dropout": float(dropout), "use_rslora": bool(use_rslora),
+                "lora_scale": float(alpha) / (math.sqrt(r) if use_rslora else r)}
+
+    def _check_lora(self, r: int, dropout: float) -> None:
+        """Raise what ``add_lora`` would raise, without drawing its random init."""
         self._check_unmerged("add LoRA")
         if self.lora_A is not None:
             raise ValueError("this layer already has a LoRA path")
         check_positive_int("r", r)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        a = torch.empty(r, self.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's (and nn.Linear's) init for lora_A
-        self.lora_A = self._new_param(a)
-        self.lora_B = self._new_param(torch.zeros(self.out_features, r))
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
-        self.lora_scale = float(alpha) / (math.sqrt(r) if use_rslora else r)
-        return self
 
     def add_ia3(self, position: str = "out") -> "PEFTLinear":
         """Add IA3 scale vectors (ones) on the input ("in"), the output ("out") or both."""
+        return self._assign(self._ia3_parts(position))
+
+    def _ia3_parts(self, position: str = "out") -> dict:
+        """Validate and build what ``add_ia3`` adds, as {attribute: value}; the layer is not changed."""
         self._check_unmerged("add IA3")
         if position not in IA3_POSITIONS:
             raise ValueError(f"position must be one of {', '.join(IA3_POSITIONS)}, got {position!r}")
+        parts = {}
         if position in ("in", "both"):
             if self.ia3_in is not None:
                 raise ValueError("this layer already has an input IA3 vector")
-            self.ia3_in = self._new_param(torch.ones(self.in_features))
+            parts["ia3_in"] = self._new_param(torch.ones(self.in_features))
         if position in ("out", "both"):
             if self.ia3_out is not None:
                 raise ValueError("this layer already has an output IA3 vector")
-            self.ia3_out = self._new_param(torch.ones(self.out_features))
-        return self
+            parts["ia3_out"] = self._new_param(torch.ones(self.out_features))
+        return parts
 
     def train_bias(self) -> "PEFTLinear":
         """BitFit: make the bias trainable (adding a zero bias when the layer has none)."""
@@ -137,19 +155,32 @@ class PEFTLinear(nn.Module):
 
     def add_sparse(self, density: float = 0.01, selection: str = "magnitude", block: Optional[int] = None,
                    seed: int = 0, index: Optional[torch.Tensor] = None) -> "PEFTLinear":
-        """Add a trainable sparse delta on a fixed set of W's entries (values start at zero)."""
+        """Add a trainable sparse delta on a fixed set of W's entries (values start at zero).
+
+        On the meta device the index is a meta tensor of the selection's size (select_sparse_indices),
+        ready for ``to_empty`` + ``load_state_dict``.
+        """
+        return self._assign(self._sparse_parts(density, selection, block, seed, index))
+
+    def _sparse_parts(self, density: float = 0.01, selection: str = "magnitude", block: Optional[int] = None,
+                     seed: int = 0, index: Optional[torch.Tensor] = None) -> dict:
+        """Validate and build what ``add_sparse`` adds, as {attribute: value}; the layer is not changed."""
         self._check_unmerged("add a sparse delta")
         if self.sparse_value is not None:
             raise ValueError("this layer already has a sparse delta")
         if index is None:
             index = select_sparse_indices(self.weight, density, selection, seed=seed, block=block)
+        elif not isinstance(index, torch.Tensor):
+            raise TypeError(f"index must be a torch.Tensor of flat indices or None, got {type(index).__name__}")
+        elif index.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"index must be an int64 (or int32) tensor, got {index.dtype}")
         index = index.to(device=self.weight.device, dtype=torch.int64)
-        values = torch.zeros(index.numel(), dtype=_adapter_dtype(self.weight))
-        check_sparse(index, values.to(index.device), self.out_features, self.in_features)
-        self.sparse_index = index
-        self.sparse_value = self._new_param(values)
-        self.sparse_density, self.sparse_selection, self.sparse_block = density, selection, block
-        return self
+        n_values = index.shape[0] if index.dim() == 1 else 0  # check_sparse rejects other shapes
+        values = torch.zeros(n_values, dtype=_adapter_dtype(self.weight), device=index.device)
+        # Meta tensors have no values to check (only their shapes).
+        check_sparse(index, values, self.out_features, self.in_features, check_values=index.device.type != "meta")
+        return {"sparse_index": index, "sparse_value": self._new_param(values), "sparse_density": density,
+                "sparse_selection": selection, "sparse_block": block}
 
     # ----------------------------------------------------------------- forward
     @property
@@ -201,7 +232,11 @@ class PEFTLinear(nn.Module):
         return w
 
     def merge(self) -> None:
-        """Fold every adapter path into weight (and bias) in place; forward then costs a plain linear."""
+        """Fold every adapter path into weight (and bias) in place; forward then costs a plain linear.
+
+        The weight tensor is written wherever it is shared: ``fastpeft.merge(model)`` refuses layers
+        whose weight is tied to another module (e.g. the input embeddings); this method does not look.
+        """
         if self._merged:
             warnings.warn("layer is already merged; merge() did nothing", stacklevel=2)
             return
