@@ -28,7 +28,7 @@ constexpr int64_t kGrain = 1 << 14;  // elements per parallel chunk: amortises t
 
 template <int ACT, typename T>
 inline T act_fwd(T x) {
-  if constexpr (ACT == 1) return x > T(0) ? x : T(0);
+  if constexpr (ACT == 1) return x < T(0) ? T(0) : x;  // torch.relu: NaN stays NaN (and -0 stays -0)
   else if constexpr (ACT == 2) return T(0.5) * x * (T(1) + std::erf(x * T(0.7071067811865476)));
   else if constexpr (ACT == 3) return x / (T(1) + std::exp(-x));
   else if constexpr (ACT == 4) return std::tanh(x);
@@ -37,7 +37,7 @@ inline T act_fwd(T x) {
 
 template <int ACT, typename T>
 inline T act_grad(T x) {
-  if constexpr (ACT == 1) return x > T(0) ? T(1) : T(0);
+  if constexpr (ACT == 1) return x <= T(0) ? T(0) : T(1);  // torch's threshold_backward: NaN passes the gradient
   else if constexpr (ACT == 2)  // Φ(x) + x φ(x)
     return T(0.5) * (T(1) + std::erf(x * T(0.7071067811865476))) + x * std::exp(T(-0.5) * x * x) * T(0.3989422804014327);
   else if constexpr (ACT == 3) {

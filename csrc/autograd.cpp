@@ -7,9 +7,19 @@
 // what fastpeft.ops saves: x only if a gradient reads it, xa only if lora_B trains, z only if
 // ia3_out trains, never a mask (the seed is an integer).  torch.compile still goes through the
 // Python custom op.
+//
+// Like that route it checks every argument (csrc/checks.h: fastpeft.core.validation's checks and
+// messages) before it draws a seed or computes anything, follows torch.autocast as F.linear does
+// (AutocastCPU kernel below), refuses forward-mode AD, and is once differentiable: differentiating
+// the gradients it returned raises kOnceDifferentiable (torch's once_differentiable mechanism).
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
+#include "checks.h"
 #include "dense.h"
+#include "sparse.h"
 
 namespace fastpeft {
 
@@ -57,16 +67,45 @@ class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> 
     variable_list out(12);
     Tensor grad_y = grad_outputs[0];
     if (!grad_y.defined()) return out;
-    auto bwd = grad_y.is_meta() ? &peft_linear_backward_meta : &peft_linear_backward;
-    auto grads = bwd(grad_y.contiguous(), opt(saved[0]), saved[1], opt(saved[2]), opt(saved[3]),
-                                      opt(saved[4]), opt(saved[5]), opt(saved[6]), opt(saved[7]), opt(saved[8]),
-                                      opt(saved[9]), opt(saved[10]), ctx->saved_data["lora_scale"].toDouble(),
-                                      ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(), needs);
+    // Grad mode is on here only under create_graph=True.  The kernels are not differentiable (some
+    // aten ops in them would record a partial, wrong graph): compute without recording, then hand
+    // back gradients that raise if anything differentiates them (see once_differentiable_ below).
+    const bool create_graph = at::GradMode::is_enabled();
+    std::vector<Tensor> grads;
+    {
+      at::AutoGradMode no_grad(false);
+      // A backward run inside an autocast region must not recast what the forward computed in.
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      auto bwd = grad_y.is_meta() ? &peft_linear_backward_meta : &peft_linear_backward;
+      grads = bwd(grad_y.contiguous(), opt(saved[0]), saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]),
+                  opt(saved[5]), opt(saved[6]), opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]),
+                  ctx->saved_data["lora_scale"].toDouble(), ctx->saved_data["p"].toDouble(),
+                  ctx->saved_data["seed"].toInt(), needs);
+    }
+    if (create_graph) {
+      variable_list inputs(saved.begin(), saved.end());
+      inputs.push_back(grad_y);
+      bool differentiable = false;
+      for (const Tensor& t : inputs) differentiable = differentiable || (t.defined() && t.requires_grad());
+      if (differentiable) once_differentiable_(grads, needs, inputs);
+    }
     // Inputs: x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, scale, p, seed.
     const int slot[8] = {0, 1, 2, 3, 4, 5, 6, 8};
     for (int i = 0; i < 8; ++i)
       if (needs[i]) out[slot[i]] = grads[i];
     return out;
+  }
+
+ private:
+  // As Python's @once_differentiable, but connected to what the gradients depend on (grad_y and the
+  // saved tensors): the gradients' grad_fn is an Error node, so any second backward that reaches them
+  // (backward() or autograd.grad with respect to an adapter) raises kOnceDifferentiable.
+  static void once_differentiable_(std::vector<Tensor>& grads, const std::array<bool, 8>& needs,
+                                   const variable_list& inputs) {
+    auto error = c10::make_intrusive<torch::autograd::Error>(kOnceDifferentiable,
+                                                             torch::autograd::collect_next_edges(inputs));
+    for (int i = 0; i < 8; ++i)
+      if (needs[i] && grads[i].defined()) torch::autograd::set_history(grads[i], error);
   }
 };
 
@@ -74,26 +113,24 @@ class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> 
 // [M, K] contiguous form the kernels take, checks every argument, then draws the seed when dropout
 // needs one and none is given (from torch's default generator: the draw fastpeft.ops makes, and
 // only for a call that will run), runs `run` and reshapes y back to [..., N].
-template <typename Run>
+template <typename Extra, typename Run>
 Tensor on_rows(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                const OptTensor& sparse_index, const OptTensor& sparse_value, double p, std::optional<int64_t> seed,
-               bool check, Run&& run) {
-  TORCH_CHECK(weight.dim() == 2, "fastpeft_cpp: weight must be 2-D [out_features, in_features], got shape ",
-              weight.sizes());
+               bool check_values, Extra&& extra_checks, Run&& run) {
+  // Every check first, in fastpeft.core.validation's order (scalars, tensors, then what reads data;
+  // the Meta kernel skips only that last step): a rejected call has drawn no seed and computed nothing.
+  check_forward_args(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
+                     /*check_values=*/false);
+  extra_checks();
+  if (check_values && present(sparse_index)) check_sparse_values(*sparse_index, weight.size(0), weight.size(1));
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "fastpeft_cpp: x must have shape [..., ", K, "] to match weight [",
-              N, ", ", K, "], got ", x.sizes());
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "fastpeft_cpp: lora_dropout p must be in [0, 1), got ", p);
   if (!present(lora_A)) p = 0.0;  // dropout acts on the LoRA branch only
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   int64_t M = 1;
   for (int64_t v : out_shape) M *= v;  // not numel / K: K may be 0
   out_shape.push_back(N);
   Tensor x2 = x.reshape({M, K}).contiguous();
-  if (check)
-    check_forward_args(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p,
-                       seed.value_or(0));
   int64_t s = 0;
   if (p > 0.0) {
     s = seed.has_value() ? *seed
@@ -109,8 +146,12 @@ Tensor peft_linear_autograd(const Tensor& x, const Tensor& weight, const OptTens
                             const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                             const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
                             std::optional<int64_t> seed) {
+  const auto no_tangent = [&] {
+    const OptTensor xo(x), wo(weight);
+    check_no_tangent({&xo, &wo, &bias, &lora_A, &lora_B, &ia3_in, &ia3_out, &sparse_value});
+  };
   return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
-                 /*check=*/true, [&](const Tensor& x2, double p2, int64_t s) {
+                 /*check_values=*/true, no_tangent, [&](const Tensor& x2, double p2, int64_t s) {
     return PeftLinearFunction::apply(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
                                      lora_scale, p2, s);
   });
@@ -121,7 +162,7 @@ Tensor peft_linear_inference(const Tensor& x, const Tensor& weight, const OptTen
                              const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale,
                              double p, std::optional<int64_t> seed) {
   return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
-                 /*check=*/true, [&](const Tensor& x2, double p2, int64_t s) {
+                 /*check_values=*/true, [] {}, [&](const Tensor& x2, double p2, int64_t s) {
     return std::get<0>(peft_linear_forward_prechecked(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out,
                                                       sparse_index, sparse_value, lora_scale, p2, s, false));
   });
@@ -132,10 +173,30 @@ Tensor peft_linear_meta(const Tensor& x, const Tensor& weight, const OptTensor& 
                         const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
                         std::optional<int64_t> seed) {
   return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p,
-                 seed.has_value() ? seed : std::optional<int64_t>(0), /*check=*/false, [&](const Tensor& x2, double p2, int64_t s) {
+                 seed.has_value() ? seed : std::optional<int64_t>(0), /*check_values=*/false, [] {},
+                 [&](const Tensor& x2, double p2, int64_t s) {
                    return std::get<0>(peft_linear_forward_meta(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out,
                                                                sparse_index, sparse_value, lora_scale, p2, s, false));
                  });
+}
+
+// AutocastCPU: F.linear's rule (floating tensors other than float64 to the autocast dtype, casts of
+// fp32 leaf parameters cached for the autocast region), then the op with autocast off.
+Tensor peft_linear_autocast(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
+                            const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
+                            const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
+                            std::optional<int64_t> seed) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  const auto dt = at::autocast::get_autocast_dtype(at::kCPU);
+  const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, c10::DeviceType::CPU); };
+  const auto cast_opt = [&](const OptTensor& t) { return present(t) ? OptTensor(cast(*t)) : t; };
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastpeft_cpp::peft_linear", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                     const OptTensor&, double, double, std::optional<int64_t>)>();
+  return op.call(cast(x), cast(weight), cast_opt(bias), cast_opt(lora_A), cast_opt(lora_B), cast_opt(ia3_in),
+                 cast_opt(ia3_out), sparse_index, cast_opt(sparse_value), lora_scale, p, seed);
 }
 
 }  // namespace fastpeft

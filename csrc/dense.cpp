@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "dropout_mask.h"
 #include "lowrank.h"
 #include "sparse.h"
@@ -29,8 +30,9 @@ void bool_dispatch(bool v, F&& f) {
 
 // ---- dropout -----------------------------------------------------------------------------------
 
-// out[m, k] = (ADD ? out[m, k] : 0) + (keep(m*K + k) ? src[m, k] * scale : 0).  src may be out itself
-// (an in-place masked scale): the loop reads and writes the same index only.
+// out[m, k] = (ADD ? out[m, k] : 0) + src[m, k] * (keep(m*K + k) ? scale : 0).  src may be out itself
+// (an in-place masked scale): the loop reads and writes the same index only.  A multiplication by 0,
+// not a select: NaN in a dropped element propagates, as in torch's dropout.
 template <typename T, bool ADD>
 void masked_scale_kernel(const T* src, T* out, int64_t M, int64_t K, DropoutKey key, float scale) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
@@ -40,8 +42,7 @@ void masked_scale_kernel(const T* src, T* out, int64_t M, int64_t K, DropoutKey 
       T* o = out + m * K;
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) {
-        const float v = to_float(sr[k]) * scale;  // loaded unconditionally so the loop vectorises
-        const float kept = key.keep(base + k) ? v : 0.f;
+        const float kept = to_float(sr[k]) * (key.keep(base + k) ? scale : 0.f);
         if constexpr (ADD) o[k] = static_cast<T>(to_float(o[k]) + kept);
         else o[k] = static_cast<T>(kept);
       }
@@ -75,9 +76,8 @@ void lora_down_dropout_kernel(const T* __restrict__ x, const float* __restrict__
         const T* src = x + (m0 + i) * K;
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) {
-          const float v = to_float(src[k]) * scale;
-          if constexpr (DROP) dst[k] = key.keep(base + k) ? v : 0.f;
-          else dst[k] = v;
+          if constexpr (DROP) dst[k] = to_float(src[k]) * (key.keep(base + k) ? scale : 0.f);
+          else dst[k] = to_float(src[k]) * scale;
         }
       }
       for (int64_t j0 = 0; j0 < r; j0 += 2) {
@@ -227,6 +227,19 @@ Tensor input_side_backward(Tensor& dh, const OptTensor& x, const Tensor& l_in, b
   return want_gin ? partial.sum(0) : Tensor();
 }
 
+// out = beta * out + scale * (a @ b), beta 0 or 1 (beta = 0: out's contents are not read).  BLAS skips
+// the product when alpha = 0, which would hide a NaN or Inf in a or b; plain PyTorch's
+// scale * (a @ b) does not, so lora_scale = 0 takes the product and multiplies it by 0.
+void addmm_scaled_(Tensor& out, const Tensor& a, const Tensor& b, double beta, double scale) {
+  if (scale != 0.0) {
+    out.addmm_(a, b, beta, scale);
+    return;
+  }
+  Tensor zeroed = at::mm(a, b).mul_(0.0);
+  if (beta == 0.0) out.copy_(zeroed);
+  else out.add_(zeroed);
+}
+
 // dX += scale * drop(t) (mask regenerated inside the add).
 void dropout_add_(Tensor& out, const Tensor& t, double scale, double p, int64_t seed) {
   const int64_t M = out.size(0), K = out.size(1);
@@ -273,52 +286,12 @@ Tensor lora_grad_x_term(const Tensor& gyb, const Tensor& a, double scale, double
       masked_scale_kernel<scalar_t, false>(tp, tp, t.size(0), t.size(1), key, s);  // in place
     });
   } else {
-    t.addmm_(gyb, a, 0.0, scale);
+    addmm_scaled_(t, gyb, a, 0.0, scale);
   }
   return t;
 }
 
-// ---- argument checks (shared by the CPU and Meta implementations) -------------------------------
-
-struct Dims {
-  int64_t M, K, N, r;
-};
-
-Dims check_args(const Tensor& x_like, int64_t M, const Tensor& weight, const OptTensor& bias,
-                const OptTensor& lora_A, const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                const OptTensor& sparse_index, const OptTensor& sparse_value, double p, int64_t seed) {
-  TORCH_CHECK(weight.dim() == 2, "fastpeft_cpp: weight must be 2-D [out_features, in_features], got shape ",
-              weight.sizes());
-  check_compute_dtype(x_like, "x");
-  TORCH_CHECK(weight.scalar_type() == x_like.scalar_type(), "fastpeft_cpp: weight dtype ", weight.scalar_type(),
-              " must match x dtype ", x_like.scalar_type());
-  check_same_device(weight, x_like, "weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  check_adapter(bias, {N}, x_like, "bias");
-  TORCH_CHECK(present(lora_A) == present(lora_B), "fastpeft_cpp: lora_A and lora_B must be given together");
-  int64_t r = 0;
-  if (present(lora_A)) {
-    TORCH_CHECK(lora_A->dim() == 2 && lora_A->size(0) >= 1, "fastpeft_cpp: lora_A must be [r, ", K,
-                "] with r >= 1, got ", lora_A->sizes());
-    r = lora_A->size(0);
-    check_adapter(lora_A, {r, K}, x_like, "lora_A");
-    check_adapter(lora_B, {N, r}, x_like, "lora_B");
-    TORCH_CHECK(p >= 0.0 && p < 1.0, "fastpeft_cpp: lora_dropout p must be in [0, 1), got ", p);
-    TORCH_CHECK(p == 0.0 || seed >= 0, "fastpeft_cpp: dropout seed must be in [0, 2**63), got ", seed);
-  }
-  check_adapter(ia3_in, {K}, x_like, "ia3_in");
-  check_adapter(ia3_out, {N}, x_like, "ia3_out");
-  TORCH_CHECK(present(sparse_index) == present(sparse_value),
-              "fastpeft_cpp: sparse_index and sparse_value must be given together");
-  if (present(sparse_index)) {
-    TORCH_CHECK(sparse_index->scalar_type() == at::kLong && sparse_index->dim() == 1,
-                "fastpeft_cpp: sparse_index must be a 1-D int64 tensor, got ", sparse_index->scalar_type(),
-                " of shape ", sparse_index->sizes());
-    check_same_device(*sparse_index, x_like, "sparse_index");
-    check_adapter(sparse_value, {sparse_index->size(0)}, x_like, "sparse_value");
-  }
-  return {M, K, N, r};
-}
+// ---- argument checks (csrc/checks.h; shared by the CPU and Meta implementations) ---------------
 
 void check_cpu_args(std::initializer_list<std::pair<const OptTensor*, const char*>> args) {
   for (auto& a : args)
@@ -365,17 +338,18 @@ Tensor dropout(const Tensor& x_in, double p, int64_t seed) {
 
 void check_forward_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                         const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                        const OptTensor& sparse_index, const OptTensor& sparse_value, double p, int64_t seed) {
-  TORCH_CHECK(x.dim() == 2, "fastpeft_cpp: x must be 2-D [M, K], got shape ", x.sizes());
+                        const OptTensor& sparse_index, const OptTensor& sparse_value, double p,
+                        std::optional<int64_t> seed, bool check_values) {
+  check_scalars(p, seed);
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
+  const Dims d = check_tensors(x, /*is_x=*/true, M, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
+                               sparse_value);
+  if (x.is_meta()) return;  // the Meta kernels: shapes only (every tensor is on x's device, checked above)
   check_cpu(x, "x");
-  TORCH_CHECK(x.is_contiguous(), "fastpeft_cpp: x must be contiguous (fastpeft.peft_linear makes it so)");
-  const Dims d = check_args(x, x.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                            sparse_value, p, seed);
   check_cpu(weight, "weight");
   check_cpu_args({{&bias, "bias"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}, {&ia3_in, "ia3_in"},
                   {&ia3_out, "ia3_out"}, {&sparse_index, "sparse_index"}, {&sparse_value, "sparse_value"}});
-  TORCH_CHECK(x.size(1) == d.K, "fastpeft_cpp: x must have shape [M, ", d.K, "] to match weight [", d.N, ", ",
-              d.K, "], got ", x.sizes());
+  if (check_values && present(sparse_index)) check_sparse_values(*sparse_index, d.N, d.K);
 }
 
 std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
@@ -383,7 +357,10 @@ std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Te
                                                        const OptTensor& ia3_in, const OptTensor& ia3_out,
                                                        const OptTensor& sparse_index, const OptTensor& sparse_value,
                                                        double lora_scale, double p, int64_t seed, bool save_z) {
-  check_forward_args(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [M, K] (fastpeft.peft_linear makes it so), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "x must be contiguous (fastpeft.peft_linear makes it so)");
+  check_forward_args(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
+                     /*check_values=*/true);
   return peft_linear_forward_prechecked(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
                                         lora_scale, p, seed, save_z);
 }
@@ -407,15 +384,16 @@ std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(
       xa = lora_down(x, *lora_A, p, seed);
       Tensor b = lora_B->to(dt);
       if (present(bias)) {
-        y = at::addmm(bias->to(dt), xa, b.t(), 1.0, lora_scale);
+        y = bias->to(dt).expand({d.M, d.N}).contiguous();
+        addmm_scaled_(y, xa, b.t(), 1.0, lora_scale);
       } else {
         y = at::empty({d.M, d.N}, x.options());
-        y.addmm_(xa, b.t(), 0.0, lora_scale);  // beta = 0: y's uninitialised contents are not read
+        addmm_scaled_(y, xa, b.t(), 0.0, lora_scale);  // beta = 0: y's uninitialised contents are not read
       }
     }
     y.addmm_(h, weight.t());
     if (present(sparse_index)) {
-      Tensor rowptr = sparse_row_pointers(*sparse_index, d.N, d.K);
+      Tensor rowptr = build_row_pointers(*sparse_index, d.N, d.K);  // the index was checked by the caller
       sparse_matmul_add_(y, h.contiguous(), *sparse_index, as_float_in(*sparse_value, dt), rowptr);
     }
     return {y, xa, z_saved};
@@ -424,7 +402,7 @@ std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(
   xa = has_lora ? lora_down(x, *lora_A, p, seed) : x.new_empty({0});
   Tensor z = present(bias) ? at::addmm(bias->to(dt), h, weight.t()) : at::mm(h, weight.t());
   if (present(sparse_index)) {
-    Tensor rowptr = sparse_row_pointers(*sparse_index, d.N, d.K);
+    Tensor rowptr = build_row_pointers(*sparse_index, d.N, d.K);
     sparse_matmul_add_(z, h.contiguous(), *sparse_index, as_float_in(*sparse_value, dt), rowptr);
   }
   if (save_z) {
@@ -434,7 +412,7 @@ std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(
     y = z;
     if (present(ia3_out)) y.mul_(ia3_out->to(dt));
   }
-  if (has_lora) y.addmm_(xa, lora_B->to(dt).t(), 1.0, lora_scale);  // in place (beta = 1)
+  if (has_lora) addmm_scaled_(y, xa, lora_B->to(dt).t(), 1.0, lora_scale);  // in place (beta = 1)
   return {y, xa, z_saved};
 }
 
@@ -446,8 +424,9 @@ std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OptTenso
                                          int64_t seed, std::array<bool, 8> needs) {
   TORCH_CHECK(grad_y_in.dim() == 2, "fastpeft_cpp: grad_y must be 2-D [M, N], got shape ", grad_y_in.sizes());
   check_cpu(grad_y_in, "grad_y");
-  const Dims d = check_args(grad_y_in, grad_y_in.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out,
-                            sparse_index, sparse_value, p, seed);
+  check_scalars(p, seed);
+  const Dims d = check_tensors(grad_y_in, /*is_x=*/false, grad_y_in.size(0), weight, bias, lora_A, lora_B, ia3_in,
+                               ia3_out, sparse_index, sparse_value);
   check_cpu(weight, "weight");
   check_cpu_args({{&x, "x"}, {&bias, "bias"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}, {&ia3_in, "ia3_in"},
                   {&ia3_out, "ia3_out"}, {&sparse_index, "sparse_index"}, {&sparse_value, "sparse_value"},
@@ -537,7 +516,7 @@ std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OptTenso
     if (need_x) {
       if (lora_in_dx && !lora_first) {
         if (p > 0.0) dropout_add_(dh, at::mm(gyb, a), lora_scale, p, seed);  // mask applied in the add
-        else dh.addmm_(gyb, a, 1.0, lora_scale);                             // in place (beta = 1)
+        else addmm_scaled_(dh, gyb, a, 1.0, lora_scale);                    // in place (beta = 1)
       }
       grads[0] = dh;
     }
@@ -563,10 +542,10 @@ std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_meta(const Tensor& x, con
                                                             const OptTensor& ia3_out, const OptTensor& sparse_index,
                                                             const OptTensor& sparse_value, double lora_scale,
                                                             double p, int64_t seed, bool save_z) {
-  TORCH_CHECK(x.dim() == 2, "fastpeft_cpp: x must be 2-D [M, K], got shape ", x.sizes());
-  const Dims d = check_args(x, x.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                            sparse_value, p, seed);
-  TORCH_CHECK(x.size(1) == d.K, "fastpeft_cpp: x must have shape [M, ", d.K, "], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [M, K] (fastpeft.peft_linear makes it so), got shape ", x.sizes());
+  check_scalars(p, seed);
+  const Dims d = check_tensors(x, /*is_x=*/true, x.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out,
+                               sparse_index, sparse_value);
   Tensor y = x.new_empty({d.M, d.N});
   Tensor xa = present(lora_A) ? x.new_empty({d.M, d.r}) : x.new_empty({0});
   Tensor z = save_z ? x.new_empty({d.M, d.N}) : x.new_empty({0});
@@ -580,8 +559,9 @@ std::vector<Tensor> peft_linear_backward_meta(const Tensor& grad_y, const OptTen
                                               const OptTensor& sparse_value, const OptTensor& xa, const OptTensor& z,
                                               double lora_scale, double p, int64_t seed, std::array<bool, 8> needs) {
   TORCH_CHECK(grad_y.dim() == 2, "fastpeft_cpp: grad_y must be 2-D [M, N], got shape ", grad_y.sizes());
-  const Dims d = check_args(grad_y, grad_y.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                            sparse_value, p, seed);
+  check_scalars(p, seed);
+  const Dims d = check_tensors(grad_y, /*is_x=*/false, grad_y.size(0), weight, bias, lora_A, lora_B, ia3_in,
+                               ia3_out, sparse_index, sparse_value);
   const OptTensor* args[8] = {nullptr, nullptr, &bias, &lora_A, &lora_B, &ia3_in, &ia3_out, &sparse_value};
   std::vector<Tensor> grads(8);
   if (needs[0]) grads[0] = grad_y.new_empty({d.M, d.K});

@@ -37,11 +37,12 @@ std::vector<Tensor> peft_linear_backward_meta(const Tensor& grad_y, const OptTen
                                               const OptTensor& sparse_value, const OptTensor& xa, const OptTensor& z,
                                               double lora_scale, double p, int64_t seed, std::array<bool, 8> needs);
 
-// Every check peft_linear_forward makes on its arguments (x [M, K] contiguous), as a TORCH_CHECK
-// naming the argument; the sparse index's values are checked when the kernels read it.
+// Every check of fastpeft.core.validation, in its order and with its messages (csrc/checks.h), plus
+// CPU placement; x is [..., K] of any shape.  check_values: also the sparse index's values (reads it).
 void check_forward_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                         const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                        const OptTensor& sparse_index, const OptTensor& sparse_value, double p, int64_t seed);
+                        const OptTensor& sparse_index, const OptTensor& sparse_value, double p,
+                        std::optional<int64_t> seed, bool check_values);
 
 // peft_linear_forward without its argument checks, for callers that ran check_forward_args already.
 std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(
@@ -58,6 +59,10 @@ Tensor peft_linear_inference(const Tensor& x, const Tensor& weight, const OptTen
                              const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                              const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale,
                              double p, std::optional<int64_t> seed);
+Tensor peft_linear_autocast(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
+                            const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
+                            const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
+                            std::optional<int64_t> seed);
 Tensor peft_linear_meta(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
                         const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
                         const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,

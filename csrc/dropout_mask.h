@@ -1,10 +1,15 @@
 // The counter-based dropout mask of fastpeft/mask.py, bit for bit.
 //
 //   mix32(v):  v ^= v >> 16; v *= 0x7FEB352D; v ^= v >> 15; v *= 0x846CA68B; v ^= v >> 16
-//   h    = mix32(mix32(off_lo ^ key_lo) ^ (off_hi * 0x9E3779B9 + key_hi))
+//   k0   = mix32(seed_lo ^ mix32(seed_hi ^ 0x243F6A88));  k1 = mix32(seed_hi ^ mix32(k0 ^ 0x85A308D3))
+//   h    = mix32(mix32(off_lo ^ k0) ^ (off_hi * 0x9E3779B9 + k1))
 //   keep = h >= floor(p * 2^32)
 //
-// offset = m * K + k in x viewed as [M, K], so the backward regenerates exactly the forward's mask.
+// The seed enters only through the round keys (k0, k1), computed once per call: nearby seeds key
+// both rounds differently, so their masks are unrelated (fastpeft/mask.py explains why the raw seed
+// must not be mixed into the counter).  offset = m * K + k in x viewed as [M, K], so the backward
+// regenerates exactly the forward's mask.  Apply it as a multiplication (x * (keep ? 1/(1-p) : 0)),
+// never a select: a NaN in a dropped element propagates, as in torch's dropout.
 // Everything is plain uint32 arithmetic, which the compiler vectorises inside the loops below.
 #pragma once
 
@@ -22,19 +27,23 @@ inline uint32_t mix32(uint32_t v) {
 }
 
 struct DropoutKey {
-  uint32_t key_lo, key_hi, threshold;
+  uint32_t k0, k1, threshold;
 
   DropoutKey(int64_t seed, double p)
-      : key_lo(static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFull)),
-        key_hi(static_cast<uint32_t>((static_cast<uint64_t>(seed) >> 32) & 0xFFFFFFFFull)),
+      : k0(mix32(seed_lo(seed) ^ mix32(seed_hi(seed) ^ 0x243F6A88u))),
+        k1(mix32(seed_hi(seed) ^ mix32(k0 ^ 0x85A308D3u))),
         // Same double arithmetic as Python's int(float(p) * 4294967296.0); p < 1 fits 32 bits.
         threshold(static_cast<uint32_t>(static_cast<uint64_t>(p * 4294967296.0))) {}
 
   inline bool keep(uint64_t offset) const {
-    uint32_t h = mix32(static_cast<uint32_t>(offset) ^ key_lo);
-    h = mix32(h ^ (static_cast<uint32_t>(offset >> 32) * 0x9E3779B9u + key_hi));
+    uint32_t h = mix32(static_cast<uint32_t>(offset) ^ k0);
+    h = mix32(h ^ (static_cast<uint32_t>(offset >> 32) * 0x9E3779B9u + k1));
     return h >= threshold;
   }
+
+ private:
+  static uint32_t seed_lo(int64_t seed) { return static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFull); }
+  static uint32_t seed_hi(int64_t seed) { return static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32); }
 };
 
 }  // namespace fastpeft

@@ -70,9 +70,9 @@ inline void row_to_float(const T* __restrict__ src, float* __restrict__ dst, int
                          const DropoutKey& key, float scale) {
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
-    const float v = to_float(src[k]) * scale;
-    if constexpr (DROP) dst[k] = key.keep(base + k) ? v : 0.f;
-    else dst[k] = v;
+    // A multiplication by 0 (not a select): a NaN in a dropped element propagates, as in torch.
+    if constexpr (DROP) dst[k] = to_float(src[k]) * (key.keep(base + k) ? scale : 0.f);
+    else dst[k] = to_float(src[k]) * scale;
   }
 }
 

@@ -52,6 +52,11 @@ TORCH_LIBRARY_IMPL(fastpeft_cpp, Autograd, m) {
   m.impl("peft_linear", &fastpeft::peft_linear_autograd);
 }
 
+// Under torch.autocast("cpu") the op casts its inputs as F.linear does, then runs with autocast off.
+TORCH_LIBRARY_IMPL(fastpeft_cpp, AutocastCPU, m) {
+  m.impl("peft_linear", &fastpeft::peft_linear_autocast);
+}
+
 TORCH_LIBRARY_IMPL(fastpeft_cpp, Meta, m) {
   m.impl("peft_linear", &fastpeft::peft_linear_meta);
   m.impl("forward", &fastpeft::peft_linear_forward_meta);

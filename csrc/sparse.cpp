@@ -6,6 +6,8 @@
 // vector FMA instead of a gather per row of x.  Nothing of size N x K is ever formed.
 #include "sparse.h"
 
+#include "checks.h"
+
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -38,11 +40,10 @@ void transpose_block(const T* src, int64_t m0, int64_t rows, int64_t cols, int64
 }
 
 void check_index(const Tensor& index) {
-  TORCH_CHECK(index.scalar_type() == at::kLong, "fastpeft_cpp: sparse_index must be int64, got ",
-              index.scalar_type());
-  TORCH_CHECK(index.dim() == 1, "fastpeft_cpp: sparse_index must be 1-D [nnz], got shape ", index.sizes());
-  TORCH_CHECK(index.device().is_cpu(), "fastpeft_cpp: sparse_index must be a CPU tensor, got one on ",
-              index.device());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "sparse_index must be int64, got ",
+                   py_dtype(index.scalar_type()));
+  TORCH_CHECK_VALUE(index.dim() == 1, "sparse_index must be 1-D [nnz], got shape ", index.sizes());
+  TORCH_CHECK_VALUE(index.device().is_cpu(), "sparse_index must be a CPU tensor, got one on ", index.device());
 }
 
 void check_values(const Tensor& value, const Tensor& index, const Tensor& like) {
@@ -57,30 +58,59 @@ void check_values(const Tensor& value, const Tensor& index, const Tensor& like) 
 
 }  // namespace
 
-Tensor sparse_row_pointers(const Tensor& index_in, int64_t n, int64_t k) {
-  check_index(index_in);
-  TORCH_CHECK(n >= 0 && k >= 0, "fastpeft_cpp: sparse weight shape must be non-negative, got [", n, ", ", k, "]");
+void check_sparse_values(const Tensor& index_in, int64_t n, int64_t k) {
+  Tensor index = index_in.contiguous();
+  const int64_t nnz = index.numel();
+  if (nnz == 0) return;
+  const int64_t* idx = index.data_ptr<int64_t>();
+  // One O(nnz) pass (per-chunk partials, combined in order): the range found, and whether any step
+  // repeats or goes down.  Reported as fastpeft.core.validation.check_sparse_values does: range
+  // first, then duplicates, then order.
+  const int64_t grain = 1 << 14, chunks = (nnz + grain - 1) / grain;
+  std::vector<int64_t> lo(chunks), hi(chunks);
+  std::vector<char> dup(chunks, 0), down(chunks, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * grain, e = std::min(nnz, b + grain);
+      int64_t l = idx[b], h = idx[b];
+      char d = 0, w = 0;
+      for (int64_t j = b; j < e; ++j) {
+        l = std::min(l, idx[j]);
+        h = std::max(h, idx[j]);
+        if (j > 0) {
+          d |= idx[j] == idx[j - 1];
+          w |= idx[j] < idx[j - 1];
+        }
+      }
+      lo[c] = l, hi[c] = h, dup[c] = d, down[c] = w;
+    }
+  });
+  const int64_t l = *std::min_element(lo.begin(), lo.end()), h = *std::max_element(hi.begin(), hi.end());
+  TORCH_CHECK_VALUE(l >= 0 && h < n * k, "sparse_index values must be flat indices in [0, ", n * k, ") for a [", n,
+                    ", ", k, "] weight, got range [", l, ", ", h, "]");
+  TORCH_CHECK_VALUE(std::find(dup.begin(), dup.end(), 1) == dup.end(),
+                    "sparse_index must hold unique indices; found duplicates");
+  TORCH_CHECK_VALUE(std::find(down.begin(), down.end(), 1) == down.end(), "sparse_index must be sorted ascending");
+}
+
+Tensor build_row_pointers(const Tensor& index_in, int64_t n, int64_t k) {
   Tensor index = index_in.contiguous();
   const int64_t nnz = index.numel();
   const int64_t* idx = index.data_ptr<int64_t>();
-  const int64_t limit = n * k;
-  // One O(nnz) pass: out-of-range or unsorted indices would make the kernels read out of bounds.
-  std::atomic<int> bad{0};  // 1: out of range, 2: not strictly increasing
-  at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      if (idx[j] < 0 || idx[j] >= limit) bad.store(1);
-      else if (j > 0 && idx[j] <= idx[j - 1]) bad.store(2);
-    }
-  });
-  TORCH_CHECK(bad.load() != 1, "fastpeft_cpp: sparse_index values must be flat indices in [0, ", limit,
-              ") for a [", n, ", ", k, "] weight");
-  TORCH_CHECK(bad.load() != 2, "fastpeft_cpp: sparse_index must be sorted ascending with unique entries");
   Tensor rowptr = at::empty({n + 1}, index.options());
   int64_t* rp = rowptr.data_ptr<int64_t>();
   at::parallel_for(0, n + 1, 256, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) rp[r] = std::lower_bound(idx, idx + nnz, r * k) - idx;
   });
   return rowptr;
+}
+
+Tensor sparse_row_pointers(const Tensor& index, int64_t n, int64_t k) {
+  check_index(index);
+  TORCH_CHECK_VALUE(n >= 0 && k >= 0, "sparse weight shape must be non-negative, got [", n, ", ", k, "]");
+  // Out-of-range or unsorted indices would make the kernels read out of bounds.
+  check_sparse_values(index, n, k);
+  return build_row_pointers(index, n, k);
 }
 
 // out[m, n] += sum_{j in row n} value[j] * h[m, col_j]: the block's results go to a transposed

@@ -5,9 +5,15 @@
 
 namespace fastpeft {
 
+// ValueError (fastpeft.core.validation's messages) unless the int64 [nnz] CPU index holds sorted,
+// unique flat indices in [0, n*k): out of range first (with the range found), then duplicates, then order.
+void check_sparse_values(const Tensor& index, int64_t n, int64_t k);
+
 // Validates the index (int64, 1-D, sorted, unique, in [0, n*k)) and returns CSR row pointers
 // [n + 1]: the indices are sorted, so row r's entries are index[rowptr[r] : rowptr[r + 1]].
 Tensor sparse_row_pointers(const Tensor& index, int64_t n, int64_t k);
+// The same row pointers for an index check_sparse_values has passed (no second pass over it).
+Tensor build_row_pointers(const Tensor& index, int64_t n, int64_t k);
 
 // out[M, n] += h[M, k] @ S^T, S never formed densely.  value_f: float32 [nnz].
 void sparse_matmul_add_(Tensor& out, const Tensor& h, const Tensor& index, const Tensor& value_f,

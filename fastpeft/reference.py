@@ -7,10 +7,13 @@ no mask (see ``fastpeft.core.backends.reference``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from fastpeft.mask import check_seed, draw_seed, keep_mask
+from fastpeft.core.validation import check_scalars
+from fastpeft.mask import draw_seed, keep_mask
 
 
 def sparse_delta(sparse_index: torch.Tensor, sparse_value: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -33,12 +36,15 @@ def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.
     """Reference fused PEFT linear: y = ((x*ia3_in)(W+S)^T + b) * ia3_out + s * (drop(x) A^T) B^T.
 
     Same signature as ``fastpeft.peft_linear``; ``backend`` is accepted and ignored.  Adapters
-    are used in x's precision; the output has x's dtype.
+    are used in x's precision; the output has x's dtype.  The scalars are checked and converted
+    as ``fastpeft.peft_linear`` does (numpy numbers, one-element tensor seeds).  Being plain
+    PyTorch, it supports what the fused op does not: double backward and forward-mode AD.
     """
+    lora_scale, p, dropout_seed = check_scalars(lora_scale, lora_dropout, dropout_seed)
     dt = x.dtype
     n, k = weight.shape
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
+    x2d = x.reshape(math.prod(lead), k)  # explicit M: reshape(-1, 0) is ambiguous for K = 0
     h = x2d * ia3_in.to(dt) if ia3_in is not None else x2d
     w = weight
     if sparse_index is not None:
@@ -47,9 +53,8 @@ def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.
     if ia3_out is not None:
         z = z * ia3_out.to(dt)
     if lora_A is not None:
-        p = float(lora_dropout)
         if p > 0.0 and dropout_seed is None:
             dropout_seed = draw_seed()
-        xd = dropout_with_mask(x2d, p, check_seed(dropout_seed) if p > 0 else 0)
+        xd = dropout_with_mask(x2d, p, dropout_seed if p > 0 else 0)
         z = z + lora_scale * ((xd @ lora_A.to(dt).t()) @ lora_B.to(dt).t())
     return z.reshape(*lead, n)

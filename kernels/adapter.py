@@ -30,7 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 def _act(x, ACT: tl.constexpr):
     # codes: 0 identity, 1 relu, 2 gelu (erf), 3 silu, 4 tanh (same as fastpeft.methods.adapters.ACTIVATIONS)
     if ACT == 1:
-        x = tl.where(x > 0, x, 0.0)
+        x = tl.where(x < 0, 0.0, x)  # torch.relu: NaN stays NaN
     elif ACT == 2:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACT == 3:
@@ -45,9 +45,9 @@ def _act(x, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(x, ACT: tl.constexpr):
-    # act'(x): relu 1[x>0]; gelu Φ(x) + x φ(x); silu σ(1 + x(1-σ)); tanh 1 - tanh²
+    # act'(x): relu 1[not x <= 0] (torch's threshold_backward: NaN passes the gradient); gelu Φ(x) + x φ(x); silu σ(1 + x(1-σ)); tanh 1 - tanh²
     if ACT == 1:
-        d = tl.where(x > 0, 1.0, 0.0)
+        d = tl.where(x <= 0, 0.0, 1.0)
     elif ACT == 2:
         d = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     elif ACT == 3:

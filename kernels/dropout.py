@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.mask import check_seed, keep_threshold, split_seed
+from fastpeft.mask import check_seed, keep_threshold, seed_key
 
 from fastpeft.kernels import _config
 
@@ -33,9 +33,12 @@ def _mix32(v):
 def keep_bits(offsets, key_lo, key_hi, threshold):
     """True where dropout keeps the element at int64 ``offsets`` (any shape).
 
-    h = mix32(mix32(off_lo ^ key_lo) ^ (off_hi * 0x9E3779B9 + key_hi));  keep = h >= threshold,
-    with the seed's 32-bit words and threshold = floor(p * 2**32) passed as int32 bit patterns
-    (``mask_args``), so every launch has the same argument types whatever the seed.
+    h = mix32(mix32(off_lo ^ k0) ^ (off_hi * 0x9E3779B9 + k1));  keep = h >= threshold, with the
+    seed's round keys (k0, k1) = fastpeft.mask.seed_key(seed) in ``key_lo`` / ``key_hi`` and
+    threshold = floor(p * 2**32), all passed as int32 bit patterns (``mask_args``), so every launch
+    has the same argument types whatever the seed.  Apply the mask by multiplying by
+    ``tl.where(keep, 1/(1-p), 0.0)`` (never by selecting 0): a NaN in a dropped element propagates,
+    as in torch's dropout.
     """
     off_lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
     off_hi = (offsets >> 32).to(tl.uint32)
@@ -50,9 +53,10 @@ def as_int32(word: int) -> int:
 
 
 def mask_args(seed: int, p: float) -> tuple[int, int, int]:
-    """(key_lo, key_hi, threshold) as int32 bit patterns for ``keep_bits``."""
-    key_lo, key_hi = split_seed(seed)
-    return as_int32(key_lo), as_int32(key_hi), as_int32(keep_threshold(p))
+    """(k0, k1, threshold) as int32 bit patterns for ``keep_bits``: the seed's round keys
+    (``fastpeft.mask.seed_key``) and floor(p * 2**32)."""
+    k0, k1 = seed_key(seed)
+    return as_int32(k0), as_int32(k1), as_int32(keep_threshold(p))
 
 
 @triton.jit

@@ -72,7 +72,7 @@ def fused_matmul_kernel(
             a = round_to(a.to(tl.float32) * s[None, :], a_ptr.dtype.element_ty)
         if A_DROPOUT:
             keep = keep_bits(rm64[:, None] * C + (c0 + offs_c)[None, :], key_lo, key_hi, threshold)
-            a = round_to(tl.where(keep, a.to(tl.float32) * inv_keep, 0.0), a_ptr.dtype.element_ty)
+            a = round_to(a.to(tl.float32) * tl.where(keep, inv_keep, 0.0), a_ptr.dtype.element_ty)
         # b may be an fp32 adapter (A or B) with 16-bit activations: compute in a's precision.
         acc = dot_acc(a, round_to(b, a_ptr.dtype.element_ty), acc, DOT_PRECISION)
         a_ptrs += BLOCK_C * stride_ac
@@ -101,7 +101,7 @@ def fused_matmul_kernel(
             low_rank = dot_acc(lo, round_to(up, lo_ptr.dtype.element_ty), low_rank, DOT_PRECISION)
         if LORA_DROPOUT:  # backward: the LoRA input gradient passes through the same mask
             keep = keep_bits(rm64[:, None] * N + rn[None, :], key_lo, key_hi, threshold)
-            low_rank = tl.where(keep, low_rank * inv_keep, 0.0)
+            low_rank = low_rank * tl.where(keep, inv_keep, 0.0)  # NaN * 0 stays NaN, as in torch
         acc += lora_scale * low_rank
     tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :], round_to(acc, out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -141,7 +141,7 @@ def matmul_tn_kernel(
             rt = round_to(rt.to(tl.float32) * rs[None, :], r_ptr.dtype.element_ty)
         if R_DROPOUT:
             keep = keep_bits(rm64 * Q + rq[None, :], key_lo, key_hi, threshold)
-            rt = round_to(tl.where(keep, rt.to(tl.float32) * inv_keep, 0.0), r_ptr.dtype.element_ty)
+            rt = round_to(rt.to(tl.float32) * tl.where(keep, inv_keep, 0.0), r_ptr.dtype.element_ty)
         acc = dot_acc(tl.trans(lt), round_to(rt, l_ptr.dtype.element_ty), acc, DOT_PRECISION)
     out = out_ptr + split.to(tl.int64) * P * Q + rp.to(tl.int64)[:, None] * Q + rq[None, :]
     tl.store(out, round_to(acc * scale, out_ptr.dtype.element_ty), mask=p_in[:, None] & q_in[None, :])

@@ -113,7 +113,7 @@ COMBOS = [c for n in range(1, len(PATHS) + 1) for c in itertools.combinations(PA
 
 def _route(name, monkeypatch):
     if name == "custom_op":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        monkeypatch.setattr(fastpeft.core.ops, "_tracing", lambda: True)
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,7 @@ def dispatch(request, monkeypatch):
     under torch.compile, fastpeft.core.ops' Python custom op calls BACKEND.forward / BACKEND.backward
     (forced here by making fastpeft.peft_linear believe it is being traced)."""
     if request.param == "custom_op":
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        monkeypatch.setattr(fastpeft.core.ops, "_tracing", lambda: True)
     return request.param
 
 
@@ -331,40 +331,75 @@ def _fwd(x, w, bias=None, a=None, b=None, li=None, lo=None, si=None, sv=None, sc
 
 
 X, W = torch.randn(6, 5), torch.randn(4, 5)
+# The checks fastpeft.core.validation makes raise its ValueError / TypeError with its message (the
+# full table, every route: tests/test_validation.py); what only the kernels need is checked too.
 BAD_FORWARD = {
-    "x 1-D": (lambda: _fwd(torch.randn(5), W), "x must be 2-D"),
-    "x wrong K": (lambda: _fwd(torch.randn(6, 4), W), "x must have shape"),
-    "x float64": (lambda: _fwd(X.double(), W.double()), "float64"),
-    "x int": (lambda: _fwd(X.long(), W.long()), "x must be float32"),
-    "weight dtype": (lambda: _fwd(X, W.bfloat16()), "weight dtype"),
-    "weight 1-D": (lambda: _fwd(X, torch.randn(5)), "weight must be 2-D"),
-    "x non-contiguous": (lambda: _fwd(torch.randn(5, 6).t(), W), "contiguous"),
-    "bias shape": (lambda: _fwd(X, W, torch.randn(3)), "bias must have shape"),
-    "bias dtype": (lambda: _fwd(X, W, torch.randn(4).double()), "bias must have x's dtype"),
-    "lora_A alone": (lambda: _fwd(X, W, a=torch.randn(2, 5)), "together"),
-    "lora_A shape": (lambda: _fwd(X, W, a=torch.randn(2, 4), b=torch.randn(4, 2)), "lora_A must have shape"),
-    "lora rank mismatch": (lambda: _fwd(X, W, a=torch.randn(2, 5), b=torch.randn(4, 3)), "lora_B must have shape"),
-    "lora rank 0": (lambda: _fwd(X, W, a=torch.randn(0, 5), b=torch.randn(4, 0)), "r >= 1"),
-    "dropout p": (lambda: _fwd(X, W, a=torch.randn(2, 5), b=torch.randn(4, 2), p=1.0), "p must be in"),
-    "dropout seed": (lambda: _fwd(X, W, a=torch.randn(2, 5), b=torch.randn(4, 2), p=0.1, seed=-1), "seed"),
-    "ia3_in shape": (lambda: _fwd(X, W, li=torch.randn(4)), "ia3_in must have shape"),
-    "ia3_out dtype": (lambda: _fwd(X, W, lo=torch.randn(4).half()), "ia3_out must have x's dtype"),
-    "meta weight": (lambda: _fwd(X, torch.empty(4, 5, device="meta")), "weight is on meta"),
-    "index alone": (lambda: _fwd(X, W, si=torch.tensor([1])), "together"),
-    "index dtype": (lambda: _fwd(X, W, si=torch.tensor([1], dtype=torch.int32), sv=torch.randn(1)), "int64"),
-    "index out of range": (lambda: _fwd(X, W, si=torch.tensor([3, 20]), sv=torch.randn(2)), "flat indices"),
-    "index negative": (lambda: _fwd(X, W, si=torch.tensor([-1, 2]), sv=torch.randn(2)), "flat indices"),
-    "index unsorted": (lambda: _fwd(X, W, si=torch.tensor([5, 2]), sv=torch.randn(2)), "sorted"),
-    "index duplicate": (lambda: _fwd(X, W, si=torch.tensor([2, 2]), sv=torch.randn(2)), "unique"),
-    "values length": (lambda: _fwd(X, W, si=torch.tensor([1, 2]), sv=torch.randn(3)), "sparse_value must have"),
+    "x 1-D": (lambda: _fwd(torch.randn(5), W), ValueError, "x must be 2-D"),
+    "x wrong K": (lambda: _fwd(torch.randn(6, 4), W), ValueError, "x must have shape [..., 5] to match weight [4, 5]"),
+    "x float64": (lambda: _fwd(X.double(), W.double()), TypeError, "float64 runs on the 'reference' backend"),
+    "x int": (lambda: _fwd(X.long(), W.long()), TypeError, "x must be a floating tensor"),
+    "weight dtype": (lambda: _fwd(X, W.bfloat16()), TypeError, "weight dtype torch.bfloat16 must match x dtype"),
+    "weight 1-D": (lambda: _fwd(X, torch.randn(5)), ValueError, "weight must be 2-D"),
+    "x non-contiguous": (lambda: _fwd(torch.randn(5, 6).t(), W), ValueError, "contiguous"),
+    "bias shape": (lambda: _fwd(X, W, torch.randn(3)), ValueError, "bias must have shape [4], got [3]"),
+    "bias dtype": (lambda: _fwd(X, W, torch.randn(4).double()), TypeError, "bias must have x's dtype"),
+    "lora_A alone": (lambda: _fwd(X, W, a=torch.randn(2, 5)), ValueError, "together"),
+    "lora_A shape": (lambda: _fwd(X, W, a=torch.randn(2, 4), b=torch.randn(4, 2)), ValueError,
+                     "lora_A must have shape"),
+    "lora rank mismatch": (lambda: _fwd(X, W, a=torch.randn(2, 5), b=torch.randn(4, 3)), ValueError, "rank mismatch"),
+    "lora rank 0": (lambda: _fwd(X, W, a=torch.randn(0, 5), b=torch.randn(4, 0)), ValueError, "at least 1"),
+    "dropout p": (lambda: _fwd(X, W, a=torch.randn(2, 5), b=torch.randn(4, 2), p=1.0), ValueError,
+                  "lora_dropout must be in [0, 1), got 1.0"),
+    "dropout seed": (lambda: _fwd(X, W, a=torch.randn(2, 5), b=torch.randn(4, 2), p=0.1, seed=-1), ValueError,
+                     "dropout_seed must be in [0, 2**63), got -1"),
+    "ia3_in shape": (lambda: _fwd(X, W, li=torch.randn(4)), ValueError, "ia3_in must have shape"),
+    "ia3_out dtype": (lambda: _fwd(X, W, lo=torch.randn(4).half()), TypeError, "ia3_out must have x's dtype"),
+    "meta weight": (lambda: _fwd(X, torch.empty(4, 5, device="meta")), ValueError, "weight is on meta"),
+    "index alone": (lambda: _fwd(X, W, si=torch.tensor([1])), ValueError, "together"),
+    "index dtype": (lambda: _fwd(X, W, si=torch.tensor([1], dtype=torch.int32), sv=torch.randn(1)), TypeError,
+                    "int64"),
+    "index out of range": (lambda: _fwd(X, W, si=torch.tensor([3, 20]), sv=torch.randn(2)), ValueError,
+                           "got range [3, 20]"),
+    "index negative": (lambda: _fwd(X, W, si=torch.tensor([-1, 2]), sv=torch.randn(2)), ValueError, "flat indices"),
+    "index unsorted": (lambda: _fwd(X, W, si=torch.tensor([5, 2]), sv=torch.randn(2)), ValueError, "sorted"),
+    "index duplicate": (lambda: _fwd(X, W, si=torch.tensor([2, 2]), sv=torch.randn(2)), ValueError, "unique"),
+    "values length": (lambda: _fwd(X, W, si=torch.tensor([1, 2]), sv=torch.randn(3)), ValueError,
+                      "sparse_value must have"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_FORWARD), ids=list(BAD_FORWARD))
 def test_bad_input_forward(case):
-    fn, message = BAD_FORWARD[case]
-    with pytest.raises(RuntimeError, match=message):
+    fn, exc, message = BAD_FORWARD[case]
+    with pytest.raises(exc) as info:
         fn()
+    assert message in str(info.value) and "fastpeft_cpp" not in str(info.value)
+
+
+@pytest.mark.parametrize("value,text", [(1.0, "1.0"), (-0.1, "-0.1"), (1e16, "1e+16"), (-1.5e-05, "-1.5e-05"),
+                                        (-0.0001, "-0.0001"), (123456.789, "123456.789"), (-1e-300, "-1e-300"),
+                                        (float("inf"), "inf"), (float("nan"), "nan"),
+                                        (2.0**70, "1.1805916207174113e+21"), (1e15, "1000000000000000.0")])
+def test_cpp_messages_print_floats_as_python_does(value, text):
+    """The C++ checks spell a float as repr() does, so their messages equal the Python validator's."""
+    assert repr(value) == text  # the spelling is Python's
+    a, b = torch.randn(2, 5), torch.randn(4, 2)
+    with pytest.raises(ValueError) as info:
+        ops.peft_linear(X, W, None, a, b, None, None, None, None, 1.0, value, None)
+    assert str(info.value) == f"lora_dropout must be in [0, 1), got {text}"
+
+
+def test_cpp_route_is_the_only_route(monkeypatch):
+    """A call the C++ op rejects is not retried on another route (no second validation, no other kernels)."""
+    from fastpeft.core import ops as core_ops
+
+    entered = []
+    monkeypatch.setattr(core_ops, "_custom_op_route", lambda *a, **k: entered.append(1))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fastpeft.peft_linear(X, W, torch.randn(3))
+    with pytest.raises(ValueError, match="got range"):
+        fastpeft.peft_linear(X, W, sparse_index=torch.tensor([0, 99]), sparse_value=torch.randn(2), backend="cpp")
+    assert not entered
 
 
 def _needs(*names):
@@ -405,9 +440,9 @@ def test_bad_input_small_ops():
         ops.dropout(torch.randn(3), 0.1, 0)
     with pytest.raises(RuntimeError, match="same number of rows"):
         ops.sddmm(torch.randn(3, 4), torch.randn(2, 5), torch.tensor([0]))
-    with pytest.raises(RuntimeError, match="flat indices"):
+    with pytest.raises(ValueError, match="flat indices"):
         ops.sparse_matmul(torch.randn(3, 5), torch.tensor([100]), torch.randn(1), 4)
-    with pytest.raises(RuntimeError, match="sorted"):
+    with pytest.raises(ValueError, match="sorted"):
         ops.sparse_matmul_t(torch.randn(3, 4), torch.tensor([3, 1]), torch.randn(2), 5)
 
 

@@ -109,6 +109,7 @@ class TestMask:
         assert mask.keep_mask(7, 0.0, 10, 10).all()
 
     def test_known_values_match_uint32_arithmetic(self):
+        """The function documented in fastpeft/mask.py, written out in numpy uint32 arithmetic."""
         import numpy as np
 
         def mix32(v):
@@ -117,13 +118,22 @@ class TestMask:
             v ^= v >> np.uint64(15); v = (v * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
             return int(v ^ (v >> np.uint64(16)))
 
-        seed = (0xDEADBEEF << 32) | 0x12345678
+        seed_lo, seed_hi = 0x12345678, 0x5EADBEEF
+        seed = (seed_hi << 32) | seed_lo
+        k0 = mix32(seed_lo ^ mix32(seed_hi ^ 0x243F6A88))
+        k1 = mix32(seed_hi ^ mix32(k0 ^ 0x85A308D3))
+        assert mask.seed_key(seed) == (k0, k1)
         offsets = [0, 1, 77, 2**32 - 1, 2**32, 2**35 + 3]
         got = mask.hash_offsets(seed, torch.tensor(offsets)).tolist()
         for off, h in zip(offsets, got):
-            first = mix32((off & 0xFFFFFFFF) ^ 0x12345678)
-            expect = mix32(first ^ (((off >> 32) * 0x9E3779B9 + 0xDEADBEEF) & 0xFFFFFFFF))
+            first = mix32((off & 0xFFFFFFFF) ^ k0)
+            expect = mix32(first ^ (((off >> 32) * 0x9E3779B9 + k1) & 0xFFFFFFFF))
             assert h == expect
+
+    def test_seed_key_is_a_bijection_on_a_sample(self):
+        """Distinct seeds give distinct round keys (so distinct masks), including seeds 2**32 apart."""
+        seeds = list(range(4096)) + [s << 32 for s in range(1, 4096)] + [2**63 - 1 - s for s in range(4096)]
+        assert len({mask.seed_key(s) for s in seeds}) == len(seeds)
 
     def test_seeds_decorrelated(self):
         a, b = mask.keep_mask(1, 0.5, 64, 64), mask.keep_mask(1 + 2**32, 0.5, 64, 64)

@@ -80,7 +80,10 @@ def forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, spar
     y = z * ia3_out.to(dt) if ia3_out is not None else z
     if lora_A is not None:
         xa = dropout_with_mask(x, p, seed) @ lora_A.to(dt).t()
-        y = torch.addmm(y, xa, lora_B.to(dt).t(), alpha=lora_scale)
+        if lora_scale != 0.0:
+            y = torch.addmm(y, xa, lora_B.to(dt).t(), alpha=lora_scale)
+        else:  # BLAS skips the product when alpha = 0, which would hide a NaN in it (0 * NaN is NaN)
+            y = y + 0.0 * (xa @ lora_B.to(dt).t())
     else:
         xa = _empty(x)
     if y is x or y is z_saved:  # custom ops may not return aliases of inputs or of each other

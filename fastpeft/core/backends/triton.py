@@ -52,7 +52,8 @@ def _device_error(device) -> Optional[str]:
 
 
 def _dropout(p: float, seed: int):
-    """(key_lo, key_hi, threshold, 1/(1-p)) for the kernels, or None without dropout."""
+    """(k0, k1, threshold, 1/(1-p)) for the kernels (fastpeft.kernels.dropout.mask_args), or None
+    without dropout."""
     if p == 0.0:
         return None
     return (*mask_args(int(seed), p), 1.0 / (1.0 - p))
