@@ -220,7 +220,7 @@ def time_shape(torch, fastpeft, m, k, n, r, p, rounds, use_peft, peft_adapters=F
         return run
 
     results = {name: {"fwd_ms": [], "fwd_bwd_ms": []} for name in variants}
-    for name, (fn, params) in variants.items():  # warm-up: JIT compile and autotune outside timing
+    for _name, (fn, params) in variants.items():  # warm-up: JIT compile and autotune outside timing
         fwd(fn)()
         fwd_bwd(fn, params)()
     torch.cuda.synchronize()
@@ -272,7 +272,7 @@ def main(argv=None):
     status = 0
     if not args.skip_check:
         log("numerics vs float64 reference (forward and every gradient; first config, no autotuning)")
-        from fastpeft.kernels._config import no_autotune
+        from fastpeft.kernels.config import no_autotune
 
         with no_autotune():
             ok, rows = check_numerics(torch, fastpeft)

@@ -6,7 +6,6 @@ Cases a backend does not have are skipped.
 """
 import pytest
 
-
 DENSE_METHODS = ["base", "lora", "lora_dropout", "ia3_in", "ia3_out", "bitfit", "combined"]
 
 

@@ -19,6 +19,7 @@
 
 #include "checks.h"
 #include "dense.h"
+#include "op_args.h"
 #include "sparse.h"
 
 namespace fastpeft {
@@ -28,45 +29,60 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-bool trains(const OptTensor& t) { return present(t) && t->requires_grad(); }
+constexpr int kArgX = 0;  // x is spec.TENSORS[0]
 
+// The op under a C++ autograd Function.  Its inputs are the tensor arguments in spec order (the
+// parameter list is generated from FASTPEFT_TENSOR_ARGS, op_args.h) plus the scalars, so its
+// backward returns one gradient per input: input i gets the gradient kGradOf[i].  (One TensorList
+// input would need a placeholder for each absent argument: torch records every list element's
+// metadata, which an undefined tensor has not, and that costs ~5 us a call.)
 class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                        const OptTensor& lora_A, const OptTensor& lora_B, const OptTensor& ia3_in,
-                        const OptTensor& ia3_out, const OptTensor& sparse_index, const OptTensor& sparse_value,
-                        double lora_scale, double p, int64_t seed) {
-    const std::array<bool, 8> needs = {x.requires_grad(), weight.requires_grad(), trains(bias), trains(lora_A),
-                                       trains(lora_B),    trains(ia3_in),         trains(ia3_out),
-                                       trains(sparse_value)};
-    const bool need_out = needs[6];
+#define FASTPEFT_PARAM(name, type, grad) const type& name,
+#define FASTPEFT_SET(name, type, grad) a.name = name;
+  static Tensor forward(AutogradContext* ctx, FASTPEFT_TENSOR_ARGS(FASTPEFT_PARAM) double lora_scale, double p,
+                        int64_t seed) {
+    OpArgs a;
+    FASTPEFT_TENSOR_ARGS(FASTPEFT_SET)
+    a.lora_scale = lora_scale;
+    a.p = p;
+    a.seed = seed;
+#undef FASTPEFT_SET
+#undef FASTPEFT_PARAM
+    Needs needs{};
+    for_each_tensor(a, [&](int i, const char*, const Tensor& t) {
+      if (kGradOf[i] != kNoGrad) needs[kGradOf[i]] = t.defined() && t.requires_grad();
+    });
+    const SavePolicy keep = saved_for_backward(needs);
     // The Autograd key sees both; on_rows has checked the arguments of a real call already.
-    auto fwd = x.is_meta() ? &peft_linear_forward_meta : &peft_linear_forward_prechecked;
-    auto [y, xa, z] = fwd(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, lora_scale,
-                          p, seed, /*save_z=*/need_out);
-    const bool keep_x = needs[1] || needs[3] || needs[5] || needs[7];
-    auto opt = [](const OptTensor& t) { return present(t) ? *t : Tensor(); };
-    ctx->save_for_backward({keep_x ? x : Tensor(), weight, opt(bias), opt(lora_A), opt(lora_B), opt(ia3_in),
-                            opt(ia3_out), opt(sparse_index), opt(sparse_value), needs[4] ? xa : Tensor(),
-                            need_out ? z : Tensor()});
+    auto fwd = a.x.is_meta() ? &peft_linear_forward_meta : &peft_linear_forward_prechecked;
+    auto [y, xa, z] = fwd(a, /*save_z=*/keep.z);
+    std::vector<Tensor> saved = to_tensors(a);  // absent arguments as undefined tensors
+    if (!keep.x) saved[kArgX] = Tensor();
+    saved.push_back(keep.xa ? xa : Tensor());
+    saved.push_back(keep.z ? z : Tensor());
+    ctx->save_for_backward(saved);
     ctx->saved_data["lora_scale"] = lora_scale;
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = seed;
     int64_t need_bits = 0;
-    for (int i = 0; i < 8; ++i) need_bits |= static_cast<int64_t>(needs[i]) << i;
+    for (int i = 0; i < kNumGrads; ++i) need_bits |= static_cast<int64_t>(needs[i]) << i;
     ctx->saved_data["needs"] = need_bits;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    const auto saved = ctx->get_saved_variables();  // the tensors, then xa and z
     const int64_t need_bits = ctx->saved_data["needs"].toInt();
-    std::array<bool, 8> needs{};
-    for (int i = 0; i < 8; ++i) needs[i] = (need_bits >> i) & 1;
-    variable_list out(12);
+    Needs needs{};
+    for (int i = 0; i < kNumGrads; ++i) needs[i] = (need_bits >> i) & 1;
+    variable_list out(kNumTensors + kNumScalars);  // one per forward input: the tensors, the scalars
     Tensor grad_y = grad_outputs[0];
     if (!grad_y.defined()) return out;
+    const OpArgs a = op_args(saved.data(), ctx->saved_data["lora_scale"].toDouble(),
+                             ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt());
+    auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+    const OptTensor xa = opt(saved[kNumTensors]), z = opt(saved[kNumTensors + 1]);
     // Grad mode is on here only under create_graph=True.  The kernels are not differentiable (some
     // aten ops in them would record a partial, wrong graph): compute without recording, then hand
     // back gradients that raise if anything differentiates them (see once_differentiable_ below).
@@ -77,10 +93,7 @@ class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> 
       // A backward run inside an autocast region must not recast what the forward computed in.
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       auto bwd = grad_y.is_meta() ? &peft_linear_backward_meta : &peft_linear_backward;
-      grads = bwd(grad_y.contiguous(), opt(saved[0]), saved[1], opt(saved[2]), opt(saved[3]), opt(saved[4]),
-                  opt(saved[5]), opt(saved[6]), opt(saved[7]), opt(saved[8]), opt(saved[9]), opt(saved[10]),
-                  ctx->saved_data["lora_scale"].toDouble(), ctx->saved_data["p"].toDouble(),
-                  ctx->saved_data["seed"].toInt(), needs);
+      grads = bwd(grad_y.contiguous(), a, xa, z, needs);
     }
     if (create_graph) {
       variable_list inputs(saved.begin(), saved.end());
@@ -89,10 +102,8 @@ class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> 
       for (const Tensor& t : inputs) differentiable = differentiable || (t.defined() && t.requires_grad());
       if (differentiable) once_differentiable_(grads, needs, inputs);
     }
-    // Inputs: x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, scale, p, seed.
-    const int slot[8] = {0, 1, 2, 3, 4, 5, 6, 8};
-    for (int i = 0; i < 8; ++i)
-      if (needs[i]) out[slot[i]] = grads[i];
+    for (int i = 0; i < kNumTensors; ++i)
+      if (kGradOf[i] != kNoGrad && needs[kGradOf[i]]) out[i] = grads[kGradOf[i]];
     return out;
   }
 
@@ -100,103 +111,97 @@ class PeftLinearFunction : public torch::autograd::Function<PeftLinearFunction> 
   // As Python's @once_differentiable, but connected to what the gradients depend on (grad_y and the
   // saved tensors): the gradients' grad_fn is an Error node, so any second backward that reaches them
   // (backward() or autograd.grad with respect to an adapter) raises kOnceDifferentiable.
-  static void once_differentiable_(std::vector<Tensor>& grads, const std::array<bool, 8>& needs,
-                                   const variable_list& inputs) {
+  static void once_differentiable_(std::vector<Tensor>& grads, const Needs& needs, const variable_list& inputs) {
     auto error = c10::make_intrusive<torch::autograd::Error>(kOnceDifferentiable,
                                                              torch::autograd::collect_next_edges(inputs));
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < kNumGrads; ++i)
       if (needs[i] && grads[i].defined()) torch::autograd::set_history(grads[i], error);
   }
 };
 
+// The arguments of fastpeft_cpp::peft_linear on a boxed stack (spec.schema("autograd")): the
+// tensors, lora_scale, p, and seed as `int?`.
+struct Call {
+  OpArgs args;
+  std::optional<int64_t> seed;
+  size_t n;  // stack values to drop
+};
+
+Call read_call(const c10::OperatorHandle& op, const torch::jit::Stack* stack) {
+  Call c;
+  c.n = op.schema().arguments().size();
+  const c10::IValue* v = stack->data() + (stack->size() - c.n);
+  const c10::IValue* scalars = v + kNumTensors;
+  c.seed = scalars[2].toOptional<int64_t>();
+  c.args = op_args(v, scalars, c.seed.value_or(0));
+  return c;
+}
+
 // The op's public form: x [..., K] of any strides, an optional seed.  Shapes the call into the
 // [M, K] contiguous form the kernels take, checks every argument, then draws the seed when dropout
 // needs one and none is given (from torch's default generator: the draw fastpeft.ops makes, and
-// only for a call that will run), runs `run` and reshapes y back to [..., N].
+// only for a call that will run), runs `run` on the [M, K] OpArgs and reshapes y back to [..., N].
 template <typename Extra, typename Run>
-Tensor on_rows(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
-               const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-               const OptTensor& sparse_index, const OptTensor& sparse_value, double p, std::optional<int64_t> seed,
-               bool check_values, Extra&& extra_checks, Run&& run) {
+void on_rows(const c10::OperatorHandle& op, torch::jit::Stack* stack, bool check_values, Extra&& extra_checks,
+             Run&& run) {
+  Call c = read_call(op, stack);
+  OpArgs& a = c.args;
   // Every check first, in fastpeft.core.validation's order (scalars, tensors, then what reads data;
   // the Meta kernel skips only that last step): a rejected call has drawn no seed and computed nothing.
-  check_forward_args(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
-                     /*check_values=*/false);
-  extra_checks();
-  if (check_values && present(sparse_index)) check_sparse_values(*sparse_index, weight.size(0), weight.size(1));
-  const int64_t N = weight.size(0), K = weight.size(1);
-  if (!present(lora_A)) p = 0.0;  // dropout acts on the LoRA branch only
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  check_forward_args(a, c.seed, /*check_values=*/false);
+  extra_checks(a);
+  if (check_values && present(a.sparse_index)) check_sparse_values(*a.sparse_index, a.weight.size(0), a.weight.size(1));
+  const int64_t N = a.weight.size(0), K = a.weight.size(1);
+  if (!present(a.lora_A)) a.p = 0.0;  // dropout acts on the LoRA branch only
+  std::vector<int64_t> out_shape(a.x.sizes().begin(), a.x.sizes().end() - 1);
   int64_t M = 1;
   for (int64_t v : out_shape) M *= v;  // not numel / K: K may be 0
   out_shape.push_back(N);
-  Tensor x2 = x.reshape({M, K}).contiguous();
-  int64_t s = 0;
-  if (p > 0.0) {
-    s = seed.has_value() ? *seed
-                         : at::randint(0, int64_t{1} << 62, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
+  a.x = a.x.reshape({M, K}).contiguous();
+  a.seed = 0;
+  if (a.p > 0.0) {
+    a.seed = c.seed.has_value()
+                 ? *c.seed
+                 : at::randint(0, int64_t{1} << 62, {}, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
   }
-  Tensor y = run(x2, p, s);
-  return y.view(out_shape);
+  Tensor y = run(a).view(out_shape);
+  torch::jit::drop(*stack, c.n);
+  torch::jit::push(*stack, std::move(y));
 }
 
 }  // namespace
 
-Tensor peft_linear_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
-                            const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                            const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
-                            std::optional<int64_t> seed) {
-  const auto no_tangent = [&] {
-    const OptTensor xo(x), wo(weight);
-    check_no_tangent({&xo, &wo, &bias, &lora_A, &lora_B, &ia3_in, &ia3_out, &sparse_value});
-  };
-  return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
-                 /*check_values=*/true, no_tangent, [&](const Tensor& x2, double p2, int64_t s) {
-    return PeftLinearFunction::apply(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                                     lora_scale, p2, s);
+void peft_linear_autograd(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  on_rows(op, stack, /*check_values=*/true, [](const OpArgs& a) { check_no_tangent(a); }, [](const OpArgs& a) {
+#define FASTPEFT_ARG(name, type, grad) a.name,
+    return PeftLinearFunction::apply(FASTPEFT_TENSOR_ARGS(FASTPEFT_ARG) a.lora_scale, a.p, a.seed);
+#undef FASTPEFT_ARG
   });
 }
 
-Tensor peft_linear_inference(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
-                             const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                             const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale,
-                             double p, std::optional<int64_t> seed) {
-  return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
-                 /*check_values=*/true, [] {}, [&](const Tensor& x2, double p2, int64_t s) {
-    return std::get<0>(peft_linear_forward_prechecked(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out,
-                                                      sparse_index, sparse_value, lora_scale, p2, s, false));
-  });
+void peft_linear_inference(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  on_rows(op, stack, /*check_values=*/true, [](const OpArgs&) {},
+          [](const OpArgs& a) { return std::get<0>(peft_linear_forward_prechecked(a, false)); });
 }
 
-Tensor peft_linear_meta(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
-                        const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                        const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
-                        std::optional<int64_t> seed) {
-  return on_rows(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p,
-                 seed.has_value() ? seed : std::optional<int64_t>(0), /*check_values=*/false, [] {},
-                 [&](const Tensor& x2, double p2, int64_t s) {
-                   return std::get<0>(peft_linear_forward_meta(x2, weight, bias, lora_A, lora_B, ia3_in, ia3_out,
-                                                               sparse_index, sparse_value, lora_scale, p2, s, false));
-                 });
+void peft_linear_meta(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  // A given seed or not, the Meta kernel draws nothing: seed 0 stands in.
+  c10::IValue& seed = (*stack)[stack->size() - 1];
+  if (seed.isNone()) seed = int64_t{0};
+  on_rows(op, stack, /*check_values=*/false, [](const OpArgs&) {},
+          [](const OpArgs& a) { return std::get<0>(peft_linear_forward_meta(a, false)); });
 }
 
 // AutocastCPU: F.linear's rule (floating tensors other than float64 to the autocast dtype, casts of
 // fp32 leaf parameters cached for the autocast region), then the op with autocast off.
-Tensor peft_linear_autocast(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
-                            const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                            const OptTensor& sparse_index, const OptTensor& sparse_value, double lora_scale, double p,
-                            std::optional<int64_t> seed) {
+void peft_linear_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
   const auto dt = at::autocast::get_autocast_dtype(at::kCPU);
-  const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, c10::DeviceType::CPU); };
-  const auto cast_opt = [&](const OptTensor& t) { return present(t) ? OptTensor(cast(*t)) : t; };
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastpeft_cpp::peft_linear", "")
-                       .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                     const OptTensor&, double, double, std::optional<int64_t>)>();
-  return op.call(cast(x), cast(weight), cast_opt(bias), cast_opt(lora_A), cast_opt(lora_B), cast_opt(ia3_in),
-                 cast_opt(ia3_out), sparse_index, cast_opt(sparse_value), lora_scale, p, seed);
+  const size_t n = op.schema().arguments().size();
+  c10::IValue* v = stack->data() + (stack->size() - n);
+  for (int i = 0; i < kNumTensors; ++i)  // cached_cast leaves integer tensors (sparse_index) as they are
+    if (v[i].isTensor()) v[i] = at::autocast::cached_cast(dt, v[i].toTensor(), c10::DeviceType::CPU);
+  op.callBoxed(stack);
 }
 
 }  // namespace fastpeft

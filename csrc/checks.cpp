@@ -103,45 +103,43 @@ void check_vector(const OptTensor& t, int64_t n, const Tensor& x, const char* na
 
 }  // namespace
 
-Dims check_tensors(const Tensor& x, bool is_x, int64_t M, const Tensor& weight, const OptTensor& bias,
-                   const OptTensor& lora_A, const OptTensor& lora_B, const OptTensor& ia3_in,
-                   const OptTensor& ia3_out, const OptTensor& sparse_index, const OptTensor& sparse_value) {
+Dims check_tensors(const Tensor& x, bool is_x, int64_t M, const OpArgs& a) {
   const auto dt = x.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
                    "x must be a floating tensor (float32, bfloat16, float16 or float64), got ", py_dtype(dt));
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
-                    weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == dt, "weight dtype ", py_dtype(weight.scalar_type()),
+  TORCH_CHECK_VALUE(a.weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
+                    a.weight.sizes());
+  TORCH_CHECK_TYPE(a.weight.scalar_type() == dt, "weight dtype ", py_dtype(a.weight.scalar_type()),
                    " must match x dtype ", py_dtype(dt));
-  check_device(weight, x, "weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
+  check_device(a.weight, x, "weight");
+  const int64_t N = a.weight.size(0), K = a.weight.size(1);
   if (is_x)
     TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "x must have shape [..., ", K, "] to match weight [", N,
                       ", ", K, "], got ", x.sizes());
-  check_vector(bias, N, x, "bias");
-  TORCH_CHECK_VALUE(present(lora_A) == present(lora_B), "lora_A and lora_B must be given together");
+  check_vector(a.bias, N, x, "bias");
+  TORCH_CHECK_VALUE(present(a.lora_A) == present(a.lora_B), "lora_A and lora_B must be given together");
   int64_t r = 0;
-  if (present(lora_A)) {
-    TORCH_CHECK_VALUE(lora_A->dim() == 2 && lora_A->size(1) == K, "lora_A must have shape [r, ", K, "], got ",
-                      lora_A->sizes());
-    r = lora_A->size(0);
-    TORCH_CHECK_VALUE(lora_B->dim() == 2 && lora_B->size(0) == N, "lora_B must have shape [", N, ", r], got ",
-                      lora_B->sizes());
-    TORCH_CHECK_VALUE(lora_B->size(1) == r, "rank mismatch: lora_A has rank ", r, " ([", r, ", ", K,
-                      "]) but lora_B has rank ", lora_B->size(1), " ([", N, ", ", lora_B->size(1), "])");
+  if (present(a.lora_A)) {
+    TORCH_CHECK_VALUE(a.lora_A->dim() == 2 && a.lora_A->size(1) == K, "lora_A must have shape [r, ", K, "], got ",
+                      a.lora_A->sizes());
+    r = a.lora_A->size(0);
+    TORCH_CHECK_VALUE(a.lora_B->dim() == 2 && a.lora_B->size(0) == N, "lora_B must have shape [", N, ", r], got ",
+                      a.lora_B->sizes());
+    TORCH_CHECK_VALUE(a.lora_B->size(1) == r, "rank mismatch: lora_A has rank ", r, " ([", r, ", ", K,
+                      "]) but lora_B has rank ", a.lora_B->size(1), " ([", N, ", ", a.lora_B->size(1), "])");
     TORCH_CHECK_VALUE(r != 0, "lora rank r must be at least 1, got lora_A of shape [0, K]");
-    check_device(*lora_A, x, "lora_A");
-    check_device(*lora_B, x, "lora_B");
-    check_adapter_dtype(*lora_A, x, "lora_A");
-    check_adapter_dtype(*lora_B, x, "lora_B");
+    check_device(*a.lora_A, x, "lora_A");
+    check_device(*a.lora_B, x, "lora_B");
+    check_adapter_dtype(*a.lora_A, x, "lora_A");
+    check_adapter_dtype(*a.lora_B, x, "lora_B");
   }
-  check_vector(ia3_in, K, x, "ia3_in");
-  check_vector(ia3_out, N, x, "ia3_out");
-  TORCH_CHECK_VALUE(present(sparse_index) == present(sparse_value),
+  check_vector(a.ia3_in, K, x, "ia3_in");
+  check_vector(a.ia3_out, N, x, "ia3_out");
+  TORCH_CHECK_VALUE(present(a.sparse_index) == present(a.sparse_value),
                     "sparse_index and sparse_value must be given together");
-  if (present(sparse_index)) {
-    const Tensor& si = *sparse_index;
-    const Tensor& sv = *sparse_value;
+  if (present(a.sparse_index)) {
+    const Tensor& si = *a.sparse_index;
+    const Tensor& sv = *a.sparse_value;
     TORCH_CHECK_TYPE(si.scalar_type() == at::kLong, "sparse_index must be int64, got ", py_dtype(si.scalar_type()));
     TORCH_CHECK_VALUE(si.dim() == 1, "sparse_index must be 1-D [nnz], got shape ", si.sizes());
     TORCH_CHECK_VALUE(sv.dim() == 1 && sv.size(0) == si.size(0), "sparse_value must have shape [", si.size(0),
@@ -152,6 +150,11 @@ Dims check_tensors(const Tensor& x, bool is_x, int64_t M, const Tensor& weight, 
     check_device(sv, x, "sparse_value");
     check_adapter_dtype(sv, x, "sparse_value");
   }
+  // DoRA's output scale (fastpeft.core.dora computes it; DoRA is not combined with IA3 or a sparse delta,
+  // which fastpeft.core.validation.check_dora_args rejects first on the public route).
+  check_vector(a.dora_scale, N, x, "dora_scale");
+  TORCH_CHECK_VALUE(!present(a.dora_scale) || !present(a.ia3_out),
+                    "dora_scale cannot be combined with ia3_out (both would use the saved pre-scale output)");
   // What only this backend asks (unreachable through fastpeft.peft_linear, which routes float64 and
   // non-CPU tensors elsewhere): CPU tensors in float32, bfloat16 or float16.
   TORCH_CHECK_TYPE(dt != at::kDouble, "x must be float32, bfloat16 or float16 for the C++ backend "
@@ -161,9 +164,11 @@ Dims check_tensors(const Tensor& x, bool is_x, int64_t M, const Tensor& weight, 
   return {M, K, N, r};
 }
 
-void check_no_tangent(std::initializer_list<const OptTensor*> tensors) {
-  for (const OptTensor* t : tensors)
-    TORCH_CHECK_NOT_IMPLEMENTED(!present(*t) || !(*t)->_fw_grad(/*level=*/0).defined(), kForwardAdUnsupported);
+void check_no_tangent(const OpArgs& a) {
+  for_each_tensor(a, [](int i, const char*, const Tensor& t) {
+    TORCH_CHECK_NOT_IMPLEMENTED(kGradOf[i] == kNoGrad || !t.defined() || !t._fw_grad(/*level=*/0).defined(),
+                                kForwardAdUnsupported);
+  });
 }
 
 }  // namespace fastpeft

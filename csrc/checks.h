@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common.h"
+#include "op_args.h"
 
 namespace fastpeft {
 
@@ -31,11 +32,10 @@ void check_scalars(double p, std::optional<int64_t> seed);
 
 // The tensor checks of fastpeft.core.validation.check_peft_linear_args.  x_like is x itself ([..., K],
 // any shape; is_x) or, for the backward, grad_y (only its dtype and device are read); M is its row count.
-Dims check_tensors(const Tensor& x_like, bool is_x, int64_t M, const Tensor& weight, const OptTensor& bias,
-                   const OptTensor& lora_A, const OptTensor& lora_B, const OptTensor& ia3_in,
-                   const OptTensor& ia3_out, const OptTensor& sparse_index, const OptTensor& sparse_value);
+// a.x is not read (the backward may have none).
+Dims check_tensors(const Tensor& x_like, bool is_x, int64_t M, const OpArgs& a);
 
-// NotImplementedError (kForwardAdUnsupported) when any of the tensors carries a forward-AD tangent.
-void check_no_tangent(std::initializer_list<const OptTensor*> tensors);
+// NotImplementedError (kForwardAdUnsupported) when a differentiable argument carries a forward-AD tangent.
+void check_no_tangent(const OpArgs& a);
 
 }  // namespace fastpeft

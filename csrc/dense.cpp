@@ -119,11 +119,13 @@ void lora_down_dropout_kernel(const T* __restrict__ x, const float* __restrict__
 
 // One pass over grad_y for every output-side gradient:
 //   gz = gy * l_out;   g_out[n] = sum_m gy[m, n] z[m, n];   g_bias[n] = sum_m gz[m, n]
+// (IA3-out: the bias joins before the scale) or, with bias_of_gy, sum_m gy[m, n] (DoRA's scale l:
+// the bias joins after it).
 // Column sums go to per-chunk float partials (chunk c owns rows [c*M/C, (c+1)*M/C)) that are
 // added in a fixed order afterwards, so results do not depend on thread scheduling.
 template <typename T, bool HAS_L, bool WANT_GZ, bool WANT_OUT, bool WANT_B>
 void output_side_kernel(const T* gy, const float* l, const T* z, T* gz, float* partial, int64_t M, int64_t N,
-                        int64_t chunks) {
+                        int64_t chunks, bool bias_of_gy) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       float* acc_out = partial + (2 * c) * N;
@@ -138,7 +140,7 @@ void output_side_kernel(const T* gy, const float* l, const T* z, T* gz, float* p
           const float gzv = HAS_L ? gv * l[n] : gv;
           if constexpr (WANT_GZ) gzr[n] = static_cast<T>(gzv);
           if constexpr (WANT_OUT) acc_out[n] += gv * to_float(zr[n]);
-          if constexpr (WANT_B) acc_b[n] += gzv;
+          if constexpr (WANT_B) acc_b[n] += bias_of_gy ? gv : gzv;
         }
       }
     }
@@ -176,7 +178,7 @@ struct OutputGrads {
 };
 
 OutputGrads output_side_backward(const Tensor& gy, const OptTensor& l_out, const OptTensor& z, bool want_gz,
-                                 bool want_out, bool want_b) {
+                                 bool want_out, bool want_b, bool bias_of_gy = false) {
   const int64_t M = gy.size(0), N = gy.size(1);
   const bool has_l = present(l_out);
   OutputGrads r;
@@ -196,7 +198,7 @@ OutputGrads output_side_backward(const Tensor& gy, const OptTensor& l_out, const
                                decltype(GB)::value>(
                 gy.data_ptr<scalar_t>(), has_l ? lf.data_ptr<float>() : nullptr,
                 want_out ? zc.data_ptr<scalar_t>() : nullptr, want_gz ? r.gz.data_ptr<scalar_t>() : nullptr,
-                partial.data_ptr<float>(), M, N, chunks);
+                partial.data_ptr<float>(), M, N, chunks, bias_of_gy);
           });
         });
       });
@@ -293,9 +295,11 @@ Tensor lora_grad_x_term(const Tensor& gyb, const Tensor& a, double scale, double
 
 // ---- argument checks (csrc/checks.h; shared by the CPU and Meta implementations) ---------------
 
-void check_cpu_args(std::initializer_list<std::pair<const OptTensor*, const char*>> args) {
-  for (auto& a : args)
-    if (present(*a.first)) check_cpu(**a.first, a.second);
+// Every given tensor argument on the CPU.
+void check_cpu_args(const OpArgs& a) {
+  for_each_tensor(a, [](int, const char* name, const Tensor& t) {
+    if (t.defined()) check_cpu(t, name);
+  });
 }
 
 }  // namespace
@@ -336,198 +340,217 @@ Tensor dropout(const Tensor& x_in, double p, int64_t seed) {
   return out;
 }
 
-void check_forward_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A,
-                        const OptTensor& lora_B, const OptTensor& ia3_in, const OptTensor& ia3_out,
-                        const OptTensor& sparse_index, const OptTensor& sparse_value, double p,
-                        std::optional<int64_t> seed, bool check_values) {
-  check_scalars(p, seed);
-  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
-  const Dims d = check_tensors(x, /*is_x=*/true, M, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                               sparse_value);
-  if (x.is_meta()) return;  // the Meta kernels: shapes only (every tensor is on x's device, checked above)
-  check_cpu(x, "x");
-  check_cpu(weight, "weight");
-  check_cpu_args({{&bias, "bias"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}, {&ia3_in, "ia3_in"},
-                  {&ia3_out, "ia3_out"}, {&sparse_index, "sparse_index"}, {&sparse_value, "sparse_value"}});
-  if (check_values && present(sparse_index)) check_sparse_values(*sparse_index, d.N, d.K);
+void check_forward_args(const OpArgs& a, std::optional<int64_t> seed, bool check_values) {
+  check_scalars(a.p, seed);
+  const int64_t M = a.x.dim() == 2 ? a.x.size(0) : 0;
+  const Dims d = check_tensors(a.x, /*is_x=*/true, M, a);
+  if (a.x.is_meta()) return;  // the Meta kernels: shapes only (every tensor is on x's device, checked above)
+  check_cpu_args(a);
+  if (check_values && present(a.sparse_index)) check_sparse_values(*a.sparse_index, d.N, d.K);
 }
 
-std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                                                       const OptTensor& lora_A, const OptTensor& lora_B,
-                                                       const OptTensor& ia3_in, const OptTensor& ia3_out,
-                                                       const OptTensor& sparse_index, const OptTensor& sparse_value,
-                                                       double lora_scale, double p, int64_t seed, bool save_z) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [M, K] (fastpeft.peft_linear makes it so), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.is_contiguous(), "x must be contiguous (fastpeft.peft_linear makes it so)");
-  check_forward_args(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, p, seed,
-                     /*check_values=*/true);
-  return peft_linear_forward_prechecked(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                                        lora_scale, p, seed, save_z);
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward(const OpArgs& a, bool save_z) {
+  TORCH_CHECK_VALUE(a.x.dim() == 2, "x must be 2-D [M, K] (fastpeft.peft_linear makes it so), got shape ", a.x.sizes());
+  TORCH_CHECK_VALUE(a.x.is_contiguous(), "x must be contiguous (fastpeft.peft_linear makes it so)");
+  check_forward_args(a, a.seed, /*check_values=*/true);
+  return peft_linear_forward_prechecked(a, save_z);
 }
 
-std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(
-    const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& lora_A, const OptTensor& lora_B,
-    const OptTensor& ia3_in, const OptTensor& ia3_out, const OptTensor& sparse_index, const OptTensor& sparse_value,
-    double lora_scale, double p, int64_t seed, bool save_z) {
-  const Dims d{x.size(0), x.size(1), weight.size(0), present(lora_A) ? lora_A->size(0) : 0};
-  const auto dt = x.scalar_type();
+namespace {
 
-  Tensor h = present(ia3_in) ? x * ia3_in->to(dt) : x;
-  const bool has_lora = present(lora_A);
-  Tensor y, xa, z_saved = x.new_empty({0});
-  if (has_lora && !present(ia3_out)) {
+// DoRA's output scale: y = c * u + bias, in the one pass that writes y (u is kept as z when save_z).
+std::tuple<Tensor, Tensor, Tensor> scale_output(const OpArgs& a, Tensor u, Tensor xa, bool save_z) {
+  const auto dt = u.scalar_type();
+  Tensor c = a.dora_scale->to(dt);
+  if (save_z) {
+    Tensor y = present(a.bias) ? at::addcmul(a.bias->to(dt), u, c) : u * c;
+    return {y, xa, u};
+  }
+  if (present(a.bias)) at::addcmul_out(u, a.bias->to(dt), u, c);
+  else u.mul_(c);
+  return {u, xa, u.new_empty({0})};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_prechecked(const OpArgs& a, bool save_z) {
+  if (present(a.dora_scale)) {
+    // u = the op without its bias and scale; then y = c * u + bias.
+    OpArgs inner = a;
+    inner.bias = std::nullopt;
+    inner.dora_scale = std::nullopt;
+    auto [u, xa, unused] = peft_linear_forward_prechecked(inner, false);
+    return scale_output(a, u, xa, save_z);
+  }
+  const Dims d{a.x.size(0), a.x.size(1), a.weight.size(0), present(a.lora_A) ? a.lora_A->size(0) : 0};
+  const auto dt = a.x.scalar_type();
+
+  Tensor h = present(a.ia3_in) ? a.x * a.ia3_in->to(dt) : a.x;
+  const bool has_lora = present(a.lora_A);
+  Tensor y, xa, z_saved = a.x.new_empty({0});
+  if (has_lora && !present(a.ia3_out)) {
     // y = (bias + s * xa B^T) + h W^T: the LoRA branch writes y (with the bias) and the frozen GEMM
     // accumulates onto it (beta = 1), so y takes no extra pass for LoRA.
     if (d.r <= kMaxKernelRank) {
-      std::tie(y, xa) = lowrank_forward(x, *lora_A, *lora_B, bias, lora_scale, p, seed);
+      std::tie(y, xa) = lowrank_forward(a.x, *a.lora_A, *a.lora_B, a.bias, a.lora_scale, a.p, a.seed);
     } else {
-      xa = lora_down(x, *lora_A, p, seed);
-      Tensor b = lora_B->to(dt);
-      if (present(bias)) {
-        y = bias->to(dt).expand({d.M, d.N}).contiguous();
-        addmm_scaled_(y, xa, b.t(), 1.0, lora_scale);
+      xa = lora_down(a.x, *a.lora_A, a.p, a.seed);
+      Tensor b = a.lora_B->to(dt);
+      if (present(a.bias)) {
+        y = a.bias->to(dt).expand({d.M, d.N}).contiguous();
+        addmm_scaled_(y, xa, b.t(), 1.0, a.lora_scale);
       } else {
-        y = at::empty({d.M, d.N}, x.options());
-        addmm_scaled_(y, xa, b.t(), 0.0, lora_scale);  // beta = 0: y's uninitialised contents are not read
+        y = at::empty({d.M, d.N}, a.x.options());
+        addmm_scaled_(y, xa, b.t(), 0.0, a.lora_scale);  // beta = 0: y's uninitialised contents are not read
       }
     }
-    y.addmm_(h, weight.t());
-    if (present(sparse_index)) {
-      Tensor rowptr = build_row_pointers(*sparse_index, d.N, d.K);  // the index was checked by the caller
-      sparse_matmul_add_(y, h.contiguous(), *sparse_index, as_float_in(*sparse_value, dt), rowptr);
+    y.addmm_(h, a.weight.t());
+    if (present(a.sparse_index)) {
+      Tensor rowptr = build_row_pointers(*a.sparse_index, d.N, d.K);  // the index was checked by the caller
+      sparse_matmul_add_(y, h.contiguous(), *a.sparse_index, as_float_in(*a.sparse_value, dt), rowptr);
     }
     return {y, xa, z_saved};
   }
   // With IA3 on the output, z = h W^T + bias (+ h S^T) is scaled before LoRA joins.
-  xa = has_lora ? lora_down(x, *lora_A, p, seed) : x.new_empty({0});
-  Tensor z = present(bias) ? at::addmm(bias->to(dt), h, weight.t()) : at::mm(h, weight.t());
-  if (present(sparse_index)) {
-    Tensor rowptr = build_row_pointers(*sparse_index, d.N, d.K);
-    sparse_matmul_add_(z, h.contiguous(), *sparse_index, as_float_in(*sparse_value, dt), rowptr);
+  xa = has_lora ? lora_down(a.x, *a.lora_A, a.p, a.seed) : a.x.new_empty({0});
+  Tensor z = present(a.bias) ? at::addmm(a.bias->to(dt), h, a.weight.t()) : at::mm(h, a.weight.t());
+  if (present(a.sparse_index)) {
+    Tensor rowptr = build_row_pointers(*a.sparse_index, d.N, d.K);
+    sparse_matmul_add_(z, h.contiguous(), *a.sparse_index, as_float_in(*a.sparse_value, dt), rowptr);
   }
   if (save_z) {
     z_saved = z;
-    y = present(ia3_out) ? z * ia3_out->to(dt) : z.clone();
+    y = present(a.ia3_out) ? z * a.ia3_out->to(dt) : z.clone();
   } else {
     y = z;
-    if (present(ia3_out)) y.mul_(ia3_out->to(dt));
+    if (present(a.ia3_out)) y.mul_(a.ia3_out->to(dt));
   }
-  if (has_lora) addmm_scaled_(y, xa, lora_B->to(dt).t(), 1.0, lora_scale);  // in place (beta = 1)
+  if (has_lora) addmm_scaled_(y, xa, a.lora_B->to(dt).t(), 1.0, a.lora_scale);  // in place (beta = 1)
   return {y, xa, z_saved};
 }
 
-std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OptTensor& x, const Tensor& weight,
-                                         const OptTensor& bias, const OptTensor& lora_A, const OptTensor& lora_B,
-                                         const OptTensor& ia3_in, const OptTensor& ia3_out,
-                                         const OptTensor& sparse_index, const OptTensor& sparse_value,
-                                         const OptTensor& xa, const OptTensor& z, double lora_scale, double p,
-                                         int64_t seed, std::array<bool, 8> needs) {
+std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OpArgs& a, const OptTensor& xa,
+                                         const OptTensor& z, const Needs& needs) {
   TORCH_CHECK(grad_y_in.dim() == 2, "fastpeft_cpp: grad_y must be 2-D [M, N], got shape ", grad_y_in.sizes());
   check_cpu(grad_y_in, "grad_y");
-  check_scalars(p, seed);
-  const Dims d = check_tensors(grad_y_in, /*is_x=*/false, grad_y_in.size(0), weight, bias, lora_A, lora_B, ia3_in,
-                               ia3_out, sparse_index, sparse_value);
-  check_cpu(weight, "weight");
-  check_cpu_args({{&x, "x"}, {&bias, "bias"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}, {&ia3_in, "ia3_in"},
-                  {&ia3_out, "ia3_out"}, {&sparse_index, "sparse_index"}, {&sparse_value, "sparse_value"},
-                  {&xa, "xa"}, {&z, "z"}});
-  const auto [need_x, need_w, need_b, need_a, need_bb, need_in, need_out, need_val] = needs;
+  check_scalars(a.p, a.seed);
+  const Dims d = check_tensors(grad_y_in, /*is_x=*/false, grad_y_in.size(0), a);
+  check_cpu_args(a);
+  if (present(xa)) check_cpu(*xa, "xa");
+  if (present(z)) check_cpu(*z, "z");
   const int64_t M = d.M, K = d.K, N = d.N;
   const auto dt = grad_y_in.scalar_type();
   TORCH_CHECK(grad_y_in.size(1) == N, "fastpeft_cpp: grad_y must have shape [M, ", N, "], got ", grad_y_in.sizes());
-  const bool need_h = need_w || need_a || need_in || need_val;
+  const bool need_h = needs[g_weight] || needs[g_lora_A] || needs[g_ia3_in] || needs[g_sparse_value];
   if (need_h) {
-    TORCH_CHECK(present(x), "fastpeft_cpp: x is required for the gradients of weight, lora_A, ia3_in or "
+    TORCH_CHECK(present(a.x), "fastpeft_cpp: x is required for the gradients of weight, lora_A, ia3_in or "
                             "sparse_value");
-    TORCH_CHECK(x->sizes() == at::IntArrayRef({M, K}) && x->scalar_type() == dt,
-                "fastpeft_cpp: x must be [", M, ", ", K, "] in ", dt, ", got ", x->scalar_type(), " ", x->sizes());
+    TORCH_CHECK(a.x.sizes() == at::IntArrayRef({M, K}) && a.x.scalar_type() == dt,
+                "fastpeft_cpp: x must be [", M, ", ", K, "] in ", dt, ", got ", a.x.scalar_type(), " ", a.x.sizes());
   }
-  TORCH_CHECK(!need_b || present(bias), "fastpeft_cpp: needs asks for the bias gradient but bias is None");
-  TORCH_CHECK(!(need_a || need_bb) || present(lora_A),
+  TORCH_CHECK(!needs[g_bias] || present(a.bias), "fastpeft_cpp: needs asks for the bias gradient but bias is None");
+  TORCH_CHECK(!(needs[g_lora_A] || needs[g_lora_B]) || present(a.lora_A),
               "fastpeft_cpp: needs asks for LoRA gradients but lora_A/lora_B are None");
-  TORCH_CHECK(!need_in || present(ia3_in), "fastpeft_cpp: needs asks for the ia3_in gradient but ia3_in is None");
-  TORCH_CHECK(!need_out || present(ia3_out), "fastpeft_cpp: needs asks for the ia3_out gradient but ia3_out is None");
-  TORCH_CHECK(!need_val || present(sparse_value),
+  TORCH_CHECK(!needs[g_ia3_in] || present(a.ia3_in), "fastpeft_cpp: needs asks for the ia3_in gradient but ia3_in is None");
+  TORCH_CHECK(!needs[g_ia3_out] || present(a.ia3_out), "fastpeft_cpp: needs asks for the ia3_out gradient but ia3_out is None");
+  TORCH_CHECK(!needs[g_sparse_value] || present(a.sparse_value),
               "fastpeft_cpp: needs asks for the sparse_value gradient but sparse_value is None");
-  if (need_bb) {
+  if (needs[g_lora_B]) {
     TORCH_CHECK(present(xa) && xa->sizes() == at::IntArrayRef({M, d.r}) && xa->scalar_type() == dt,
                 "fastpeft_cpp: xa (the saved [M, r] product drop(x) A^T) must be [", M, ", ", d.r, "] in ", dt);
   }
-  if (need_out) {
+  TORCH_CHECK(!needs[g_dora_scale] || present(a.dora_scale),
+              "fastpeft_cpp: needs asks for the dora_scale gradient but dora_scale is None");
+  if (needs[g_ia3_out] || needs[g_dora_scale]) {
     TORCH_CHECK(present(z) && z->sizes() == at::IntArrayRef({M, N}) && z->scalar_type() == dt,
-                "fastpeft_cpp: z (the saved pre-IA3 output) must be [", M, ", ", N, "] in ", dt);
+                "fastpeft_cpp: z (the saved pre-IA3 / pre-scale output) must be [", M, ", ", N, "] in ", dt);
   }
   Tensor gy = grad_y_in.contiguous();
-  std::vector<Tensor> grads(8);
+  std::vector<Tensor> grads(kNumGrads);
+  bool need_bias = needs[g_bias];
+  if (present(a.dora_scale)) {
+    // y = c * u + bias, one pass: c * gy (what everything before the scale reads), dc = sum gy * u,
+    // d bias = sum gy.
+    OutputGrads sg = output_side_backward(gy, a.dora_scale, z, /*want_gz=*/true, needs[g_dora_scale], need_bias,
+                                          /*bias_of_gy=*/true);
+    if (needs[g_dora_scale]) grads[g_dora_scale] = sg.g_out.to(a.dora_scale->scalar_type());
+    if (need_bias) grads[g_bias] = sg.g_bias.to(a.bias->scalar_type());
+    gy = sg.gz;
+    need_bias = false;
+  }
 
   // Output side: gz = gy * ia3_out plus the ia3_out and bias reductions, one pass.
-  const bool need_gz = need_x || need_in || need_w || need_val;
-  OutputGrads og = output_side_backward(gy, ia3_out, z, need_gz, need_out, need_b);
+  const bool need_gz = needs[g_x] || needs[g_ia3_in] || needs[g_weight] || needs[g_sparse_value];
+  OutputGrads og = output_side_backward(gy, a.ia3_out, z, need_gz, needs[g_ia3_out], need_bias);
   Tensor gz = og.gz.defined() ? og.gz : gy;
-  if (need_out) grads[6] = og.g_out.to(ia3_out->scalar_type());
-  if (need_b) grads[2] = og.g_bias.to(bias->scalar_type());
+  if (needs[g_ia3_out]) grads[g_ia3_out] = og.g_out.to(a.ia3_out->scalar_type());
+  if (need_bias) grads[g_bias] = og.g_bias.to(a.bias->scalar_type());
 
   // LoRA's rank-sized products first (the dX GEMM may accumulate onto LoRA's term):
   //   gyb = gy B [M, r];   dB = s gy^T xa;   dA = s gyb^T drop(x);   dX += s drop(gyb A)
-  const bool has_lora = present(lora_A);
-  Tensor a, gyb;
-  if (has_lora && (need_x || need_a || need_bb)) {
-    a = lora_A->to(dt);
+  const bool has_lora = present(a.lora_A);
+  Tensor a_dt, gyb;  // lora_A in x's dtype
+  if (has_lora && (needs[g_x] || needs[g_lora_A] || needs[g_lora_B])) {
+    a_dt = a.lora_A->to(dt);
     if (d.r <= kMaxKernelRank) {
       // One pass over gy and x for gyb, dB and dA, in float32 (gyb rounded to x's dtype for MKL).
-      LowRankGrads lg = lowrank_backward(gy, *lora_B, need_bb ? *xa : Tensor(), need_a ? *x : Tensor(), lora_scale,
-                                         p, seed, need_bb, need_a);
+      LowRankGrads lg = lowrank_backward(gy, *a.lora_B, needs[g_lora_B] ? *xa : Tensor(),
+                                         needs[g_lora_A] ? a.x : Tensor(), a.lora_scale, a.p, a.seed,
+                                         needs[g_lora_B], needs[g_lora_A]);
       gyb = lg.gyb.to(dt);
-      if (need_bb) grads[4] = lg.dB.to(lora_B->scalar_type());
-      if (need_a) grads[3] = lg.dA.to(lora_A->scalar_type());
+      if (needs[g_lora_B]) grads[g_lora_B] = lg.dB.to(a.lora_B->scalar_type());
+      if (needs[g_lora_A]) grads[g_lora_A] = lg.dA.to(a.lora_A->scalar_type());
     } else {
       // dB = s * gy^T xa as (xa^T gy)^T: MKL is ~2.5x faster on the wide [r, N] output than on the
       // tall-skinny [N, r] one (same FLOPs), and the [N, r] transpose copy is tiny.
-      if (need_bb) grads[4] = at::mm(xa->t(), gy).mul_(lora_scale).t().contiguous().to(lora_B->scalar_type());
-      if (need_x || need_a) gyb = at::mm(gy, lora_B->to(dt));
-      if (need_a) {
-        Tensor xd = p > 0.0 ? dropout(*x, p, seed) : x->contiguous();
-        grads[3] = at::mm(gyb.t(), xd).mul_(lora_scale).to(lora_A->scalar_type());
+      if (needs[g_lora_B])
+        grads[g_lora_B] = at::mm(xa->t(), gy).mul_(a.lora_scale).t().contiguous().to(a.lora_B->scalar_type());
+      if (needs[g_x] || needs[g_lora_A]) gyb = at::mm(gy, a.lora_B->to(dt));
+      if (needs[g_lora_A]) {
+        Tensor xd = a.p > 0.0 ? dropout(a.x, a.p, a.seed) : a.x.contiguous();
+        grads[g_lora_A] = at::mm(gyb.t(), xd).mul_(a.lora_scale).to(a.lora_A->scalar_type());
       }
     }
   }
 
   Tensor rowptr, value_f;
-  if (present(sparse_index) && (need_x || need_in || need_val)) rowptr = sparse_row_pointers(*sparse_index, N, K);
-  if (present(sparse_index) && (need_x || need_in)) value_f = as_float_in(*sparse_value, dt);
+  if (present(a.sparse_index) && (needs[g_x] || needs[g_ia3_in] || needs[g_sparse_value]))
+    rowptr = sparse_row_pointers(*a.sparse_index, N, K);
+  if (present(a.sparse_index) && (needs[g_x] || needs[g_ia3_in])) value_f = as_float_in(*a.sparse_value, dt);
 
-  if (need_x || need_in) {
-    const bool lora_in_dx = has_lora && need_x;
+  if (needs[g_x] || needs[g_ia3_in]) {
+    const bool lora_in_dx = has_lora && needs[g_x];
     // Without IA3 on the input, dX = s drop(gyb A) + gz W (+ gz S): LoRA's term is written first and
     // the frozen GEMM accumulates onto it (beta = 1).  With IA3-in, dh = gz W is scaled first.
-    const bool lora_first = lora_in_dx && !present(ia3_in);
+    const bool lora_first = lora_in_dx && !present(a.ia3_in);
     Tensor dh;
     if (lora_first) {
-      dh = lora_grad_x_term(gyb, a, lora_scale, p, seed);
-      dh.addmm_(gz, weight);
+      dh = lora_grad_x_term(gyb, a_dt, a.lora_scale, a.p, a.seed);
+      dh.addmm_(gz, a.weight);
     } else {
-      dh = at::mm(gz, weight);
+      dh = at::mm(gz, a.weight);
     }
-    if (present(sparse_index)) sparse_matmul_t_add_(dh, gz, *sparse_index, value_f, rowptr);
-    if (present(ia3_in)) {
-      Tensor gin = input_side_backward(dh, x, *ia3_in, need_in, need_x);
-      if (need_in) grads[5] = gin.to(ia3_in->scalar_type());
+    if (present(a.sparse_index)) sparse_matmul_t_add_(dh, gz, *a.sparse_index, value_f, rowptr);
+    if (present(a.ia3_in)) {
+      Tensor gin = input_side_backward(dh, a.x, *a.ia3_in, needs[g_ia3_in], needs[g_x]);
+      if (needs[g_ia3_in]) grads[g_ia3_in] = gin.to(a.ia3_in->scalar_type());
     }
-    if (need_x) {
+    if (needs[g_x]) {
       if (lora_in_dx && !lora_first) {
-        if (p > 0.0) dropout_add_(dh, at::mm(gyb, a), lora_scale, p, seed);  // mask applied in the add
-        else addmm_scaled_(dh, gyb, a, 1.0, lora_scale);                    // in place (beta = 1)
+        if (a.p > 0.0) dropout_add_(dh, at::mm(gyb, a_dt), a.lora_scale, a.p, a.seed);  // mask applied in the add
+        else addmm_scaled_(dh, gyb, a_dt, 1.0, a.lora_scale);                         // in place (beta = 1)
       }
-      grads[0] = dh;
+      grads[g_x] = dh;
     }
   }
-  if (need_w) {
-    Tensor h = present(ia3_in) ? *x * ia3_in->to(dt) : *x;
-    grads[1] = at::mm(gz.t(), h).to(weight.scalar_type());
+  if (needs[g_weight]) {
+    Tensor h = present(a.ia3_in) ? a.x * a.ia3_in->to(dt) : a.x;
+    grads[g_weight] = at::mm(gz.t(), h).to(a.weight.scalar_type());
   }
-  if (need_val) {
-    OptTensor scale = present(ia3_in) ? OptTensor(as_float_in(*ia3_in, dt)) : std::nullopt;
-    grads[7] = sddmm(gz, x->contiguous(), scale, *sparse_index, N).to(sparse_value->scalar_type());
+  if (needs[g_sparse_value]) {
+    OptTensor scale = present(a.ia3_in) ? OptTensor(as_float_in(*a.ia3_in, dt)) : std::nullopt;
+    grads[g_sparse_value] =
+        sddmm(gz, a.x.contiguous(), scale, *a.sparse_index, N).to(a.sparse_value->scalar_type());
   }
   for (auto& g : grads)
     if (!g.defined()) g = gy.new_empty({0});
@@ -536,41 +559,32 @@ std::vector<Tensor> peft_linear_backward(const Tensor& grad_y_in, const OptTenso
 
 // ---- Meta (shape-only) --------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_meta(const Tensor& x, const Tensor& weight,
-                                                            const OptTensor& bias, const OptTensor& lora_A,
-                                                            const OptTensor& lora_B, const OptTensor& ia3_in,
-                                                            const OptTensor& ia3_out, const OptTensor& sparse_index,
-                                                            const OptTensor& sparse_value, double lora_scale,
-                                                            double p, int64_t seed, bool save_z) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [M, K] (fastpeft.peft_linear makes it so), got shape ", x.sizes());
-  check_scalars(p, seed);
-  const Dims d = check_tensors(x, /*is_x=*/true, x.size(0), weight, bias, lora_A, lora_B, ia3_in, ia3_out,
-                               sparse_index, sparse_value);
-  Tensor y = x.new_empty({d.M, d.N});
-  Tensor xa = present(lora_A) ? x.new_empty({d.M, d.r}) : x.new_empty({0});
-  Tensor z = save_z ? x.new_empty({d.M, d.N}) : x.new_empty({0});
+std::tuple<Tensor, Tensor, Tensor> peft_linear_forward_meta(const OpArgs& a, bool save_z) {
+  TORCH_CHECK_VALUE(a.x.dim() == 2, "x must be 2-D [M, K] (fastpeft.peft_linear makes it so), got shape ", a.x.sizes());
+  check_scalars(a.p, a.seed);
+  const Dims d = check_tensors(a.x, /*is_x=*/true, a.x.size(0), a);
+  Tensor y = a.x.new_empty({d.M, d.N});
+  Tensor xa = present(a.lora_A) ? a.x.new_empty({d.M, d.r}) : a.x.new_empty({0});
+  Tensor z = save_z ? a.x.new_empty({d.M, d.N}) : a.x.new_empty({0});
   return {y, xa, z};
 }
 
-std::vector<Tensor> peft_linear_backward_meta(const Tensor& grad_y, const OptTensor& x, const Tensor& weight,
-                                              const OptTensor& bias, const OptTensor& lora_A,
-                                              const OptTensor& lora_B, const OptTensor& ia3_in,
-                                              const OptTensor& ia3_out, const OptTensor& sparse_index,
-                                              const OptTensor& sparse_value, const OptTensor& xa, const OptTensor& z,
-                                              double lora_scale, double p, int64_t seed, std::array<bool, 8> needs) {
+std::vector<Tensor> peft_linear_backward_meta(const Tensor& grad_y, const OpArgs& a, const OptTensor& xa,
+                                              const OptTensor& z, const Needs& needs) {
   TORCH_CHECK(grad_y.dim() == 2, "fastpeft_cpp: grad_y must be 2-D [M, N], got shape ", grad_y.sizes());
-  check_scalars(p, seed);
-  const Dims d = check_tensors(grad_y, /*is_x=*/false, grad_y.size(0), weight, bias, lora_A, lora_B, ia3_in,
-                               ia3_out, sparse_index, sparse_value);
-  const OptTensor* args[8] = {nullptr, nullptr, &bias, &lora_A, &lora_B, &ia3_in, &ia3_out, &sparse_value};
-  std::vector<Tensor> grads(8);
-  if (needs[0]) grads[0] = grad_y.new_empty({d.M, d.K});
-  if (needs[1]) grads[1] = at::empty_like(weight);
-  for (int i = 2; i < 8; ++i) {
-    if (!needs[i]) continue;
-    TORCH_CHECK(present(*args[i]), "fastpeft_cpp: needs asks for a gradient of an argument that is None");
-    grads[i] = at::empty_like(**args[i]);
-  }
+  check_scalars(a.p, a.seed);
+  const Dims d = check_tensors(grad_y, /*is_x=*/false, grad_y.size(0), a);
+  std::vector<Tensor> grads(kNumGrads);
+  for_each_tensor(a, [&](int i, const char*, const Tensor& t) {
+    const int g = kGradOf[i];
+    if (g == kNoGrad || !needs[g]) return;
+    if (g == g_x) {
+      grads[g] = grad_y.new_empty({d.M, d.K});  // x itself is not saved when only dX is needed
+      return;
+    }
+    TORCH_CHECK(t.defined(), "fastpeft_cpp: needs asks for a gradient of an argument that is None");
+    grads[g] = at::empty_like(t);
+  });
   for (auto& g : grads)
     if (!g.defined()) g = grad_y.new_empty({0});
   return grads;

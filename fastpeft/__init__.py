@@ -31,19 +31,21 @@ _attach_folder("kernels")
 _attach_folder("csrc")
 
 from fastpeft import reference
-from fastpeft.nn.accounting import count_parameters
-from fastpeft.methods.adapters import AdapterConfig, BottleneckAdapter, bottleneck_adapter
 from fastpeft.core.backends import available_backends, get_backend, set_backend
-from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig
-from fastpeft.methods.heads import ClassificationHead, ModelWithHead, TokenClassificationHead
-from fastpeft.nn.inject import inject, merge, unmerge
-from fastpeft.interop.peft import from_peft, load_adapter, save_adapter
-from fastpeft.nn.modules import BitFitLinear, IA3Linear, LoRALinear, PEFTLinear, SparseLinear
 from fastpeft.core.ops import peft_linear
-from fastpeft.tools.profiling import profile_memory
+from fastpeft.interop.peft import from_peft, load_adapter, save_adapter
+from fastpeft.methods.adapters import AdapterConfig, BottleneckAdapter, bottleneck_adapter
+from fastpeft.methods.heads import ClassificationHead, ModelWithHead, TokenClassificationHead
 from fastpeft.methods.prompt import PrefixTuning, PromptTuning
 from fastpeft.methods.selective import delta_penalty, select_layers
 from fastpeft.methods.sparse_select import select_sparse_by_gradient, select_sparse_indices
+from fastpeft.nn.accounting import count_parameters
+from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig
+from fastpeft.nn.inject import inject, merge, unmerge
+from fastpeft.nn.modules import BitFitLinear, IA3Linear, LoRALinear, PEFTLinear, SparseLinear
+from fastpeft.quant import QuantizedWeight, quantize_weight
+from fastpeft.quant.model import quantize
+from fastpeft.tools.profiling import profile_memory
 
 __version__ = "0.1.0"
 
@@ -51,7 +53,9 @@ __all__ = [
     "peft_linear", "reference", "available_backends", "set_backend", "get_backend",
     "PEFTLinear", "LoRALinear", "IA3Linear", "BitFitLinear", "SparseLinear",
     "LoRAConfig", "IA3Config", "BitFitConfig", "SparseConfig", "inject", "merge", "unmerge",
-    "count_parameters", "from_peft", "save_adapter", "load_adapter", "select_sparse_by_gradient", "select_sparse_indices",
+    "count_parameters", "from_peft", "save_adapter", "load_adapter", "select_sparse_by_gradient",
+    "select_sparse_indices",
     "AdapterConfig", "BottleneckAdapter", "bottleneck_adapter", "ClassificationHead", "TokenClassificationHead",
     "ModelWithHead", "PrefixTuning", "PromptTuning", "delta_penalty", "select_layers", "profile_memory",
+    "QuantizedWeight", "quantize_weight", "quantize",
 ]

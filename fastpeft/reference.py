@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastpeft.core.validation import check_scalars
+from fastpeft.core.validation import check_dora_args, check_scalars
 from fastpeft.mask import draw_seed, keep_mask
 
 
@@ -32,8 +32,11 @@ def dropout_with_mask(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.0, lora_dropout=0.0,
                 dropout_seed=None, ia3_in=None, ia3_out=None, sparse_index=None, sparse_value=None,
-                backend=None):
+                dora_magnitude=None, backend=None):
     """Reference fused PEFT linear: y = ((x*ia3_in)(W+S)^T + b) * ia3_out + s * (drop(x) A^T) B^T.
+
+    With ``dora_magnitude`` m (DoRA): y = c ⊙ (x Wᵀ + s·(drop(x) Aᵀ) Bᵀ) + b with c = m / n and
+    n = ‖W + s·B·A‖_row formed densely and detached (c = 0 on rows where n = 0).
 
     Same signature as ``fastpeft.peft_linear``; ``backend`` is accepted and ignored.  Adapters
     are used in x's precision; the output has x's dtype.  The scalars are checked and converted
@@ -41,6 +44,8 @@ def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.
     PyTorch, it supports what the fused op does not: double backward and forward-mode AD.
     """
     lora_scale, p, dropout_seed = check_scalars(lora_scale, lora_dropout, dropout_seed)
+    if dora_magnitude is not None:
+        check_dora_args(weight, lora_A, lora_B, dora_magnitude, ia3_in, ia3_out, sparse_value, x.dtype, x.device)
     dt = x.dtype
     n, k = weight.shape
     lead = x.shape[:-1]
@@ -49,7 +54,7 @@ def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.
     w = weight
     if sparse_index is not None:
         w = w + sparse_delta(sparse_index, sparse_value.to(dt), n, k)
-    z = F.linear(h, w, bias.to(dt) if bias is not None else None)
+    z = F.linear(h, w, bias.to(dt) if bias is not None and dora_magnitude is None else None)
     if ia3_out is not None:
         z = z * ia3_out.to(dt)
     if lora_A is not None:
@@ -57,4 +62,12 @@ def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.
             dropout_seed = draw_seed()
         xd = dropout_with_mask(x2d, p, dropout_seed if p > 0 else 0)
         z = z + lora_scale * ((xd @ lora_A.to(dt).t()) @ lora_B.to(dt).t())
+    if dora_magnitude is not None:
+        with torch.no_grad():
+            norm = (weight + lora_scale * (lora_B.to(dt) @ lora_A.to(dt))).norm(dim=1)
+        m = dora_magnitude.to(dt)
+        c = torch.where(norm > 0, m / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(m))
+        z = z * c
+        if bias is not None:
+            z = z + bias.to(dt)
     return z.reshape(*lead, n)

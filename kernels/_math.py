@@ -9,7 +9,7 @@ operations (the interpreter branches are constexpr-false and vanish).
 import triton
 import triton.language as tl
 
-from fastpeft.kernels import _config
+from fastpeft.kernels import config as _config
 
 _INTERPRET = tl.constexpr(_config.INTERPRET)
 

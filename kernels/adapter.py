@@ -45,7 +45,8 @@ def _act(x, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(x, ACT: tl.constexpr):
-    # act'(x): relu 1[not x <= 0] (torch's threshold_backward: NaN passes the gradient); gelu Φ(x) + x φ(x); silu σ(1 + x(1-σ)); tanh 1 - tanh²
+    # act'(x): relu 1[not x <= 0] (torch's threshold_backward: NaN passes the gradient); gelu Φ(x) + x φ(x);
+    # silu σ(1 + x(1-σ)); tanh 1 - tanh²
     if ACT == 1:
         d = tl.where(x <= 0, 0.0, 1.0)
     elif ACT == 2:

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.kernels import config as _config
 from fastpeft.mask import check_seed, keep_threshold, seed_key
-
-from fastpeft.kernels import _config
 
 
 @triton.jit

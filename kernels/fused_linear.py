@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels import _config
+from fastpeft.kernels import config as _config
 from fastpeft.kernels._math import dot_acc, round_to
 from fastpeft.kernels.dropout import keep_bits
 from fastpeft.kernels.sparse import sparse_rows_accumulate
@@ -31,17 +31,19 @@ def fused_matmul_kernel(
     stride_am, stride_ac, stride_bc, stride_bn, stride_om,
     pro_ptr,  # [C] scale on a's columns (prologue): ia3_in forward, ia3_out backward
     bias_ptr, stride_bias, col_ptr, stride_col,  # [N] epilogue add / scale (stride 0: a broadcast identity)
+    post_ptr,  # [N] output scale after the LoRA add, before the bias (DoRA's dora_scale; POST_SCALE)
     z_ptr, save_z,  # the output before the column scale (forward with a trainable ia3_out)
     seg_ptr, sp_idx_ptr, sp_val_ptr,  # sparse delta grouped by output column (CSR forward, CSC backward)
     lo_ptr, up_ptr, R, stride_lom, stride_upr, stride_upn, lora_scale,  # + lora_scale * lo[M, R] @ up[R, N]
     red_ptr, red_src_ptr,  # red[pid_m, n] = sum over the tile's rows of acc * red_src (d_ia3_in)
     key_lo, key_hi, threshold, inv_keep,  # dropout: keep(row * (C or N) + col), kept values * 1/(1-p)
     PRO_SCALE: tl.constexpr, A_DROPOUT: tl.constexpr, SPARSE: tl.constexpr, LORA: tl.constexpr,
-    LORA_DROPOUT: tl.constexpr, COL_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LORA_DROPOUT: tl.constexpr, COL_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr, POST_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # acc = (a * pro)[M, C] @ b[C, N] + sparse;  z = acc + bias;  y = z * col + lora_scale * lo @ up
+    # POST_SCALE: u = acc * col + lora_scale * lo @ up (stored in z);  y = u * post + bias
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -85,9 +87,11 @@ def fused_matmul_kernel(
     if COL_REDUCE:
         src = tl.load(red_src_ptr + rm64[:, None] * N + rn[None, :], mask=out_mask, other=0.0)
         tl.store(red_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(acc * src.to(tl.float32), axis=0), mask=n_in)
-    acc += tl.load(bias_ptr + rn * stride_bias, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    if save_z != 0:  # runtime flag: a uniform branch around one store
-        tl.store(z_ptr + rm64[:, None] * stride_om + rn[None, :], round_to(acc, z_ptr.dtype.element_ty), mask=out_mask)
+    if not POST_SCALE:
+        acc += tl.load(bias_ptr + rn * stride_bias, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        if save_z != 0:  # runtime flag: a uniform branch around one store
+            tl.store(z_ptr + rm64[:, None] * stride_om + rn[None, :], round_to(acc, z_ptr.dtype.element_ty),
+                     mask=out_mask)
     acc *= tl.load(col_ptr + rn * stride_col, mask=n_in, other=0.0).to(tl.float32)[None, :]
     if LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -103,6 +107,14 @@ def fused_matmul_kernel(
             keep = keep_bits(rm64[:, None] * N + rn[None, :], key_lo, key_hi, threshold)
             low_rank = low_rank * tl.where(keep, inv_keep, 0.0)  # NaN * 0 stays NaN, as in torch
         acc += lora_scale * low_rank
+    if POST_SCALE:
+        if save_z != 0:
+            tl.store(z_ptr + rm64[:, None] * stride_om + rn[None, :], round_to(acc, z_ptr.dtype.element_ty),
+                     mask=out_mask)
+        # u in x's precision, then scaled and the bias added (as y = c * u + bias in x's dtype)
+        u = round_to(acc, out_ptr.dtype.element_ty).to(tl.float32)
+        post = tl.load(post_ptr + rn, mask=n_in, other=0.0).to(tl.float32)
+        acc = u * post[None, :] + tl.load(bias_ptr + rn * stride_bias, mask=n_in, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :], round_to(acc, out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -201,7 +213,7 @@ def identity(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 def fused_matmul(a, b, stride_bc, stride_bn, n, out, *, pro=None, bias=None, col=None, z=None, sparse=None,
-                 lora=None, reduce_src=None, dropout=None, dropout_on="a", skinny=False):
+                 lora=None, reduce_src=None, dropout=None, dropout_on="a", skinny=False, post=None):
     """out[M, n] = epilogue(prologue(a)[M, C] @ b[C, n]); returns the d_ia3_in partial sums or None.
 
     b is addressed through (stride_bc, stride_bn) so W^T, A^T, B and W need no copies.
@@ -210,7 +222,8 @@ def fused_matmul(a, b, stride_bc, stride_bn, n, out, *, pro=None, bias=None, col
     nonzeros grouped by output column.  lora: (lo [M, r], up, stride_upr, stride_upn, scale)
     adds scale * lo @ up.  reduce_src: [M, n]; returns fp32 partials whose sum over dim 0 is
     sum_m acc * reduce_src (acc before bias and col).  dropout: (key_lo, key_hi, threshold, 1/(1-p)) from ``_dropout``
-    applied to a's tiles (``dropout_on="a"``) or to the LoRA term (``"lora"``).
+    applied to a's tiles (``dropout_on="a"``) or to the LoRA term (``"lora"``).  post: [n] scale
+    of the output after the LoRA add, before the bias (then z gets the output before ``post``).
     """
     m, c = a.shape
     if m == 0 or n == 0:  # nothing to launch (a zero-sized grid is not a launch)
@@ -226,6 +239,7 @@ def fused_matmul(a, b, stride_bc, stride_bn, n, out, *, pro=None, bias=None, col
     col_t = col if col is not None else identity(1.0, a)
     args = (a, b, out, m, n, c, a.stride(0), a.stride(1), stride_bc, stride_bn, out.stride(0),
             pro if pro is not None else a, bias_t, 1 if bias is not None else 0, col_t, 1 if col is not None else 0,
+            post if post is not None else a,
             z if z is not None else out, 1 if z is not None else 0, seg, sp_idx, sp_val,
             lo, up, r, lo.stride(0), stride_upr, stride_upn, float(lora_scale),
             red if red is not None else out, reduce_src if reduce_src is not None else out,
@@ -234,7 +248,7 @@ def fused_matmul(a, b, stride_bc, stride_bn, n, out, *, pro=None, bias=None, col
                  SPARSE=sparse is not None, LORA=lora is not None,
                  LORA_DROPOUT=dropout is not None and dropout_on == "lora",
                  COL_REDUCE=reduce_src is not None, DOT_PRECISION=_config.dot_precision(a.dtype),
-                 BLOCK_R=_config.block_for(r))
+                 POST_SCALE=post is not None, BLOCK_R=_config.block_for(r))
     if skinny:
         block_n = _config.block_for(n, hi=128)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)  # noqa: E731
@@ -252,7 +266,7 @@ def _row_splits(m: int, tiles: int, block_m: int) -> tuple[int, int]:
     return triton.cdiv(m, rows), rows
 
 
-def matmul_tn(l, r, out_dtype, *, scale=1.0, l_scale=None, r_scale=None, dropout=None):
+def matmul_tn(l, r, out_dtype, *, scale=1.0, l_scale=None, r_scale=None, dropout=None):  # noqa: E741 (l, r: the math)
     """scale * (l * l_scale)^T @ (r * r_scale * mask), [P, Q] in ``out_dtype`` (fp32 accumulation).
 
     l [M, P] and r [M, Q] are row-major (unit column stride); mask is the dropout keep-mask of r
@@ -302,7 +316,7 @@ def _gemm_signature(x, ad, b_dtype, flags):
     sig = {"a_ptr": x, "b_ptr": b_dtype, "out_ptr": x, "M": "i32", "N": "i32", "C": "i32",
            "stride_am": "i32", "stride_ac": "i32", "stride_bc": "i32", "stride_bn": "i32", "stride_om": "i32",
            "pro_ptr": ad if flags["PRO_SCALE"] else x, "bias_ptr": ad, "stride_bias": "i32", "col_ptr": ad,
-           "stride_col": "i32", "z_ptr": x, "save_z": "i32",
+           "stride_col": "i32", "post_ptr": ad if flags["POST_SCALE"] else x, "z_ptr": x, "save_z": "i32",
            "seg_ptr": "*i64" if flags["SPARSE"] else x, "sp_idx_ptr": "*i64" if flags["SPARSE"] else x,
            "sp_val_ptr": ad if flags["SPARSE"] else x, "lo_ptr": x, "up_ptr": ad if flags["LORA"] else x,
            "R": "i32", "stride_lom": "i32", "stride_upr": "i32", "stride_upn": "i32", "lora_scale": "fp32",
@@ -340,15 +354,18 @@ def aot_variants(x_dtype: str, adapter_dtype: str, precision: str, full: bool = 
         usable = _config.usable_configs(configs, elem, **blocks)
         return usable if (heaviest and full) else usable[:1]
 
-    def gemm_flags(pro, a_drop, sparse, lora, lora_drop, reduce):
+    def gemm_flags(pro, a_drop, sparse, lora, lora_drop, reduce, post=False):
         return dict(PRO_SCALE=pro, A_DROPOUT=a_drop, SPARSE=sparse, LORA=lora, LORA_DROPOUT=lora_drop,
-                    COL_REDUCE=reduce, DOT_PRECISION=precision)
+                    COL_REDUCE=reduce, DOT_PRECISION=precision, POST_SCALE=post)
 
     # Forward main GEMM (reduce and LoRA dropout off) and dX GEMM: together every combination.
-    heaviest = gemm_flags(True, False, True, True, True, True)
+    heaviest = gemm_flags(True, False, True, True, True, True, True)
     combos = [gemm_flags(pro, False, sparse, lora, lora_drop, reduce)
               for pro in (False, True) for sparse in (False, True) for reduce in (False, True)
               for lora, lora_drop in ((False, False), (True, False), (True, True))]
+    # DoRA's forward: the output scale after the LoRA add (fastpeft.core.backends.triton).
+    combos += [gemm_flags(pro, False, sparse, True, False, False, True) for pro in (False, True)
+               for sparse in (False, True)]
     for flags in (combos if full else [heaviest]):
         for cfg in pick(_config.GEMM_CONFIGS, flags == heaviest):
             yield _variant("fused_matmul", fused_matmul_kernel, _gemm_signature(x, ad, x, flags), flags, cfg,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.kernels import _config
+from fastpeft.kernels import config as _config
 from fastpeft.kernels._math import round_to
 
 SDDMM_BLOCK_NZ = 16 if _config.INTERPRET else 128

@@ -9,9 +9,16 @@ import pytest
 import torch
 
 import fastpeft
+from fastpeft.methods.adapters import (
+    ACTIVATIONS,
+    AdapterConfig,
+    BottleneckAdapter,
+    adapters_of,
+    backend_unavailable,
+    bottleneck_adapter,
+    reference_bottleneck_adapter,
+)
 from fastpeft.nn.accounting import count_parameters
-from fastpeft.methods.adapters import (ACTIVATIONS, AdapterConfig, BottleneckAdapter, adapters_of, backend_unavailable,
-                               bottleneck_adapter, reference_bottleneck_adapter)
 
 CPU = torch.device("cpu")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}

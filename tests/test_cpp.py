@@ -15,6 +15,7 @@ import torch
 
 import fastpeft
 from fastpeft import reference
+from fastpeft.core import spec
 from fastpeft.core.backends import unavailable_reason
 from fastpeft.mask import hash_offsets, keep_mask, keep_threshold
 
@@ -316,18 +317,18 @@ def test_meta_implementation():
     x = torch.empty(7, 5, device="meta")
     w = torch.empty(3, 5, device="meta")
     a, b = torch.empty(2, 5, device="meta"), torch.empty(3, 2, device="meta")
-    y, xa, z = ops.forward(x, w, None, a, b, None, None, None, None, 1.0, 0.0, 0, True)
+    y, xa, z = ops.forward(x, w, None, a, b, None, None, None, None, None, 1.0, 0.0, 0, True)
     assert y.shape == (7, 3) and xa.shape == (7, 2) and z.shape == (7, 3) and y.device.type == "meta"
-    grads = ops.backward(y, x, w, None, a, b, None, None, None, None, xa, z, 1.0, 0.0, 0,
-                         [True, False, False, True, True, False, False, False])
-    assert [tuple(g.shape) for g in grads] == [(7, 5), (0,), (0,), (2, 5), (3, 2), (0,), (0,), (0,)]
+    grads = ops.backward(y, x, w, None, a, b, None, None, None, None, None, xa, z, 1.0, 0.0, 0,
+                         _needs("x", "lora_A", "lora_B"))
+    assert [tuple(g.shape) for g in grads] == [(7, 5), (0,), (0,), (2, 5), (3, 2), (0,), (0,), (0,), (0,)]
 
 
 # ---- bad input straight into the C++ ops: Python exceptions with a message, never a crash --------------
 
 def _fwd(x, w, bias=None, a=None, b=None, li=None, lo=None, si=None, sv=None, scale=1.0, p=0.0, seed=0,
          save_z=False):
-    return ops.forward(x, w, bias, a, b, li, lo, si, sv, scale, p, seed, save_z)
+    return ops.forward(x, w, bias, a, b, li, lo, si, sv, None, scale, p, seed, save_z)
 
 
 X, W = torch.randn(6, 5), torch.randn(4, 5)
@@ -385,7 +386,7 @@ def test_cpp_messages_print_floats_as_python_does(value, text):
     assert repr(value) == text  # the spelling is Python's
     a, b = torch.randn(2, 5), torch.randn(4, 2)
     with pytest.raises(ValueError) as info:
-        ops.peft_linear(X, W, None, a, b, None, None, None, None, 1.0, value, None)
+        ops.peft_linear(X, W, None, a, b, None, None, None, None, None, 1.0, value, None)
     assert str(info.value) == f"lora_dropout must be in [0, 1), got {text}"
 
 
@@ -403,22 +404,22 @@ def test_cpp_route_is_the_only_route(monkeypatch):
 
 
 def _needs(*names):
-    return [n in names for n in GRAD_NAMES]
+    return [n in names for n in spec.GRAD_NAMES]
 
 
 BAD_BACKWARD = {
     "grad_y shape": (lambda: ops.backward(torch.randn(6, 3), X, W, None, None, None, None, None, None, None,
-                                          None, None, 1.0, 0.0, 0, _needs("x")), "grad_y must have shape"),
+                                          None, None, None, 1.0, 0.0, 0, _needs("x")), "grad_y must have shape"),
     "x missing": (lambda: ops.backward(torch.randn(6, 4), None, W, None, None, None, torch.randn(5), None, None,
-                                       None, None, None, 1.0, 0.0, 0, _needs("ia3_in")), "x is required"),
+                                       None, None, None, None, 1.0, 0.0, 0, _needs("ia3_in")), "x is required"),
     "bias grad without bias": (lambda: ops.backward(torch.randn(6, 4), X, W, None, None, None, None, None, None,
-                                                    None, None, None, 1.0, 0.0, 0, _needs("bias")), "bias is None"),
+                                                    None, None, None, None, 1.0, 0.0, 0, _needs("bias")), "bias is None"),
     "xa missing": (lambda: ops.backward(torch.randn(6, 4), X, W, None, torch.randn(2, 5), torch.randn(4, 2), None,
-                                        None, None, None, None, None, 1.0, 0.0, 0, _needs("lora_B")), "xa"),
+                                        None, None, None, None, None, None, 1.0, 0.0, 0, _needs("lora_B")), "xa"),
     "z wrong shape": (lambda: ops.backward(torch.randn(6, 4), X, W, None, None, None, None, torch.randn(4), None,
-                                           None, None, torch.randn(6, 3), 1.0, 0.0, 0, _needs("ia3_out")), "z "),
+                                           None, None, None, torch.randn(6, 3), 1.0, 0.0, 0, _needs("ia3_out")), "z "),
     "needs length": (lambda: ops.backward(torch.randn(6, 4), X, W, None, None, None, None, None, None, None,
-                                          None, None, 1.0, 0.0, 0, [True]), "size 8"),
+                                          None, None, None, 1.0, 0.0, 0, [True]), "size 9"),
 }
 
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastpeft
-from fastpeft.nn.accounting import count_parameters
 from fastpeft.methods.heads import ClassificationHead, ModelWithHead, TokenClassificationHead
+from fastpeft.nn.accounting import count_parameters
 
 
 def _reference(head, x):

@@ -331,9 +331,11 @@ def test_from_peft_bfloat16_model_with_fp32_adapters():
     assert rel_err(out, ref) < 1e-2
 
 
-def test_from_peft_rejects_dora():
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        fastpeft.from_peft(toy_peft(use_dora=True))
+def test_from_peft_converts_dora():
+    # DoRA is a fastpeft path now (tests/test_dora_module.py): the magnitude is peft's own Parameter.
+    pm = toy_peft(use_dora=True)
+    magnitude = pm.base_model.model.q.lora_magnitude_vector["default"].weight
+    assert fastpeft.from_peft(pm).q.dora_magnitude is magnitude
 
 
 def test_from_peft_rejects_lora_bias():
@@ -429,9 +431,6 @@ def test_save_adapter_refuses_what_peft_cannot_express(tmp_path):
 
 
 def test_load_adapter_rejects_unsupported_checkpoints(tmp_path):
-    toy_peft(use_dora=True).save_pretrained(tmp_path / "dora")
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        fastpeft.load_adapter(Toy(), tmp_path / "dora")
     get_peft_model(Toy(), peft.LoHaConfig(r=2, target_modules=["q"])).save_pretrained(tmp_path / "loha")
     with pytest.raises(NotImplementedError, match="LOHA"):
         fastpeft.load_adapter(Toy(), tmp_path / "loha")

@@ -393,3 +393,35 @@ def test_from_peft_layer_without_active_adapter_is_plain():
     assert type(model.q) is nn.Linear and no_peft_layers(model) == []
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- item 8, through load_adapter
+def test_load_adapter_keeps_a_bottleneck_adapter_and_refuses_foreign_hooks(tmp_path):
+    """load_adapter replaces nn.Linear layers as inject does: an attached bottleneck adapter moves onto
+    the new layer and keeps training; a linear carrying other hooks is refused with the model untouched."""
+    from fastpeft.methods.adapters import AdapterConfig
+
+    trained = trained_lora_model(seed=1)
+    fastpeft.save_adapter(trained, tmp_path)
+    model = base()
+    AdapterConfig(bottleneck=3, target_modules=["q"]).inject(model)
+    adapter = model.q.adapter
+    with torch.no_grad():  # a trained adapter: not the identity any more
+        adapter.up_weight.normal_(generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = trained.ff(torch.relu(adapter(trained.q(trained.emb(IDS)))))  # the adapter after q's LoRA
+    fastpeft.load_adapter(model, tmp_path)
+    assert isinstance(model.q, fastpeft.LoRALinear) and model.q.adapter is adapter
+    assert all(p.requires_grad for p in adapter.parameters())  # still training, as after inject
+    with torch.no_grad():
+        assert rel_err(model(IDS), reference) < 1e-6
+    objective(model(IDS)).backward()
+    assert adapter.up_weight.grad is not None and adapter.up_weight.grad.abs().sum() > 0
+
+    hooked = base()
+    hooked.q.register_forward_hook(lambda module, args, out: out * 2)
+    snap = snapshot(hooked)
+    with pytest.raises(ValueError, match=r"'q'.*hook"):
+        fastpeft.load_adapter(hooked, tmp_path)
+    assert_unchanged(hooked, snap)
+    assert len(hooked.q._forward_hooks) == 1

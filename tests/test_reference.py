@@ -3,7 +3,8 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastpeft
 from fastpeft import mask
@@ -114,8 +115,10 @@ class TestMask:
 
         def mix32(v):
             v = np.uint64(v)
-            v ^= v >> np.uint64(16); v = (v * np.uint64(0x7FEB352D)) & np.uint64(0xFFFFFFFF)
-            v ^= v >> np.uint64(15); v = (v * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
+            v ^= v >> np.uint64(16)
+            v = (v * np.uint64(0x7FEB352D)) & np.uint64(0xFFFFFFFF)
+            v ^= v >> np.uint64(15)
+            v = (v * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
             return int(v ^ (v >> np.uint64(16)))
 
         seed_lo, seed_hi = 0x12345678, 0x5EADBEEF

@@ -5,9 +5,9 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.methods.adapters import AdapterConfig
+from fastpeft.methods.selective import delta_penalty, select_layers
 from fastpeft.nn.modules import PEFTLinear
 from fastpeft.reference import sparse_delta
-from fastpeft.methods.selective import delta_penalty, select_layers
 
 
 def _net():

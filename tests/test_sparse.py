@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from fastpeft.reference import peft_linear as ref_peft_linear
 from fastpeft.methods.sparse_select import count_for_density, select_sparse_by_gradient, select_sparse_indices
+from fastpeft.reference import peft_linear as ref_peft_linear
 
 BACKENDS = fastpeft.available_backends()
 SELECTIONS = ("random", "magnitude", "gradient")

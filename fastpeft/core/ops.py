@@ -14,7 +14,8 @@ Every argument is checked before any work: the scalars and tensor types here, sh
 value) inside the forward op just before it draws the seed and calls the backend, so it also holds
 under torch.compile.  What is saved for backward is decided here, once for all backends: x only
 when a gradient needs it, the r-wide x~A^T only when lora_B trains, the pre-IA3 output only when
-ia3_out trains, and never a dropout mask (the seed is a 0-d tensor; backends regenerate the mask).
+ia3_out trains (the pre-scale output u when DoRA's dora_scale trains), and never a dropout mask (the
+seed is a 0-d tensor; backends regenerate the mask): fastpeft.core.spec.saved_for_backward.
 
 The op follows torch.autocast as F.linear does (floating tensors other than float64 are cast to
 the autocast dtype; the C++ op registers the same rule for AutocastCPU).  It is once
@@ -31,16 +32,26 @@ import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
 
 from fastpeft.core import backends as _backends
+from fastpeft.core import dora as _dora
+from fastpeft.core import spec
 from fastpeft.core import validation as _validation
-from fastpeft.core.validation import (FORWARD_AD_UNSUPPORTED, ONCE_DIFFERENTIABLE, check_peft_linear_args,
-                                      check_scalars, check_seed, check_tensor_types)
+from fastpeft.core.validation import (
+    FORWARD_AD_UNSUPPORTED,
+    ONCE_DIFFERENTIABLE,
+    check_dora_args,
+    check_peft_linear_args,
+    check_scalars,
+    check_seed,
+    check_tensor_types,
+)
 from fastpeft.mask import draw_seed
+from fastpeft.quant.op import quant_peft_linear
+from fastpeft.quant.weight import QuantizedWeight
 
 # What the eager C++ route takes as it is: other scalar types (numpy, tensor seeds) are converted
 # and checked first by check_scalars.
 _NUMBERS = (float, int)
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GRAD_ARGS = ("x", "weight", "bias", "lora_A", "lora_B", "ia3_in", "ia3_out", "sparse_value")
 # True while torch.compile traces (then the custom-op route).  Tests make it return True to take that
 # route eagerly; patching torch.compiler.is_compiling itself would confuse dynamo if it loads meanwhile.
 _tracing = torch.compiler.is_compiling
@@ -54,62 +65,65 @@ def _op_seed(p: float, seed: Optional[Tensor]) -> int:
     return draw_seed() if s is None else s
 
 
-@torch.library.custom_op("fastpeft::peft_linear_fwd", mutates_args=())
-def _peft_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Optional[Tensor],
-                     lora_B: Optional[Tensor], ia3_in: Optional[Tensor], ia3_out: Optional[Tensor],
-                     sparse_index: Optional[Tensor], sparse_value: Optional[Tensor], lora_scale: float,
-                     p: float, seed: Optional[Tensor], save_z: bool,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _backends.resolve(backend, x.device, x.dtype)
-    if sparse_index is not None:
-        n, k = weight.shape
-        if not _validation.is_validated(sparse_index, n, k):
-            _validation.check_sparse_values(sparse_index, n, k)
-    s = _op_seed(p, seed)  # after every check: a rejected call draws nothing
-    y, xa, z = impl.forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                            lora_scale, p, s, save_z)
+# The custom ops take spec.schema("custom_forward") / ("custom_backward") positionally: the tensors
+# and scalars of an OpArgs (the seed a 0-d tensor or None), then the op's own extras.
+_N = spec.N_ARGS
+_OpArgs = spec.OpArgs._make
+_Needs = spec.Needs._make
+_GRAD_POS = spec.GRAD_ARG
+_X = spec.TENSOR_NAMES.index("x")
+# The gradient tuple autograd wants: one entry per forward input (None for sparse_index, the scalars,
+# save_z and backend), else the index of that tensor's gradient.
+_INPUT_GRAD = spec.GRAD_INDEX + (None,) * (_N - spec.N_TENSORS + 2)
+_NO_GRADS = (None,) * len(_INPUT_GRAD)
+
+
+def _fwd(*inputs):
+    a = _OpArgs(inputs[:_N])
+    save_z, backend = inputs[_N:]
+    impl = _backends.resolve(backend, a.x.device, a.x.dtype)
+    if a.sparse_index is not None:
+        n, k = a.weight.shape
+        if not _validation.is_validated(a.sparse_index, n, k):
+            _validation.check_sparse_values(a.sparse_index, n, k)
+    s = _op_seed(a.p, a.seed)  # after every check: a rejected call draws nothing
+    y, xa, z = impl.forward(a._replace(seed=s), save_z)
     return y, xa, z, torch.tensor(s, dtype=torch.int64)
 
 
-@_peft_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, lora_scale, p, seed,
-      save_z, backend):
-    m, n = x.shape[0], weight.shape[0]
-    y = x.new_empty(m, n)
-    xa = x.new_empty(m, lora_A.shape[0]) if lora_A is not None else x.new_empty(0)
-    z = x.new_empty(m, n) if save_z else x.new_empty(0)
+def _fwd_fake(*inputs):
+    a = _OpArgs(inputs[:_N])
+    m, n = a.x.shape[0], a.weight.shape[0]
+    y = a.x.new_empty(m, n)
+    xa = a.x.new_empty(m, a.lora_A.shape[0]) if a.lora_A is not None else a.x.new_empty(0)
+    z = a.x.new_empty(m, n) if inputs[_N] else a.x.new_empty(0)
     return y, xa, z, torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("fastpeft::peft_linear_bwd", mutates_args=())
-def _peft_linear_bwd(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                     lora_A: Optional[Tensor], lora_B: Optional[Tensor], ia3_in: Optional[Tensor],
-                     ia3_out: Optional[Tensor], sparse_index: Optional[Tensor],
-                     sparse_value: Optional[Tensor], xa: Optional[Tensor], z: Optional[Tensor],
-                     lora_scale: float, p: float, seed: Tensor, needs: list[bool], backend: str) -> list[Tensor]:
+def _bwd(grad_y, *inputs):
+    # inputs: the tensors, the saved outputs (xa, z), the scalars (seed a tensor), needs, backend
+    t, n_saved = spec.N_TENSORS, len(spec.SAVED_OUTPUTS)
+    xa, z = inputs[t:t + n_saved]
+    a = _OpArgs(inputs[:t] + inputs[t + n_saved:t + n_saved + len(spec.SCALARS)])
+    needs, backend = inputs[-2:]
     impl = _backends.resolve(backend, grad_y.device, grad_y.dtype)
-    grads = impl.backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                          sparse_value, xa, z, lora_scale, p, int(seed), needs)
+    grads = impl.backward(grad_y, a._replace(seed=int(a.seed)), xa, z, _Needs(bool(n) for n in needs))
     return [g if g is not None else grad_y.new_empty(0) for g in grads]
 
 
-def _like_for_fake(grad_y, m, k, args, needs):
-    out = []
-    for name, arg, need in zip(_GRAD_ARGS, args, needs):
-        if not need:
-            out.append(grad_y.new_empty(0))
-        elif name == "x":
-            out.append(grad_y.new_empty(m, k))
-        else:
-            out.append(torch.empty_like(arg))
-    return out
+def _bwd_fake(grad_y, *inputs):
+    needs = inputs[-2]
+    m, k = grad_y.shape[0], inputs[spec.TENSOR_NAMES.index("weight")].shape[1]
+    return [grad_y.new_empty(0) if not need else grad_y.new_empty(m, k) if i == _X else torch.empty_like(inputs[i])
+            for i, need in zip(_GRAD_POS, needs)]
 
 
-@_peft_linear_bwd.register_fake
-def _(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, xa, z,
-      lora_scale, p, seed, needs, backend):
-    args = (x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_value)
-    return _like_for_fake(grad_y, grad_y.shape[0], weight.shape[1], args, needs)
+_peft_linear_fwd = torch.library.custom_op("fastpeft::peft_linear_fwd", _fwd, mutates_args=(),
+                                           schema=spec.schema("custom_forward"))
+_peft_linear_fwd.register_fake(_fwd_fake)
+_peft_linear_bwd = torch.library.custom_op("fastpeft::peft_linear_bwd", _bwd, mutates_args=(),
+                                           schema=spec.schema("custom_backward"))
+_peft_linear_bwd.register_fake(_bwd_fake)
 
 
 def _second_order(ctx, *grads):
@@ -122,32 +136,27 @@ _peft_linear_bwd.register_autograd(_second_order, setup_context=lambda ctx, inpu
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, lora_scale, p, _,
-     save_z, backend) = inputs
+    a = _OpArgs(inputs[:_N])
     _, xa, z, seed = output
-    grad_args = (x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_value)
-    needs = [t is not None and t.requires_grad for t in grad_args]
-    need_x, need_w, _, need_a, need_bb, need_in, need_out, need_val = needs
-    # Save only what some gradient reads; the weight and adapters are parameters (no copy).
-    keep_x = need_w or need_a or need_in or need_val
-    ctx.save_for_backward(x if keep_x else None, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                          sparse_value, xa if need_bb else None, z if need_out else None, seed)
+    needs = _Needs(inputs[i] is not None and inputs[i].requires_grad for i in _GRAD_POS)
+    keep = spec.saved_for_backward(needs)  # only what some gradient reads; parameters are not copied
+    tensors = list(inputs[:spec.N_TENSORS])
+    if not keep.x:
+        tensors[_X] = None
+    ctx.save_for_backward(*tensors, xa if keep.xa else None, z if keep.z else None, seed)
     ctx.needs = needs
-    ctx.m = x.shape[0]
-    ctx.lora_scale, ctx.p, ctx.backend = lora_scale, p, backend
+    ctx.lora_scale, ctx.p, ctx.backend = a.lora_scale, a.p, inputs[-1]
     ctx.mark_non_differentiable(xa, z, seed)
 
 
 def _backward(ctx, grad_y, grad_xa, grad_z, grad_seed):
-    x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, xa, z, seed = ctx.saved_tensors
-    needs = list(ctx.needs)
+    needs = ctx.needs
     if not any(needs):
-        return (None,) * 14
-    grad_y = grad_y.contiguous()
-    grads = _peft_linear_bwd(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                             sparse_value, xa, z, ctx.lora_scale, ctx.p, seed, needs, ctx.backend)
-    gx, gw, gb, ga, gbb, gin, gout, gval = [g if need else None for g, need in zip(grads, needs)]
-    return gx, gw, gb, ga, gbb, gin, gout, None, gval, None, None, None, None, None
+        return _NO_GRADS
+    saved = ctx.saved_tensors
+    grads = _peft_linear_bwd(grad_y.contiguous(), *saved[:-1], ctx.lora_scale, ctx.p, saved[-1], list(needs),
+                             ctx.backend)
+    return tuple(None if g is None or not needs[g] else grads[g] for g in _INPUT_GRAD)
 
 
 _peft_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -189,9 +198,9 @@ for _device_type in ("cpu", "cuda"):
         _register_autocast(_device_type)
 
 
-def _autocast(device_type: str, tensors: tuple) -> tuple:
+def _autocast(device_type: str, a):
     dt = torch.get_autocast_dtype(device_type)
-    return tuple(_autocast_cast(t, device_type, dt) for t in tensors)
+    return _OpArgs(_autocast_cast(t, device_type, dt) if isinstance(t, Tensor) else t for t in a)
 
 
 def _check_no_tangent(tensors) -> None:
@@ -205,7 +214,7 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
                 lora_B: Optional[Tensor] = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                 dropout_seed=None, ia3_in: Optional[Tensor] = None, ia3_out: Optional[Tensor] = None,
                 sparse_index: Optional[Tensor] = None, sparse_value: Optional[Tensor] = None,
-                backend: Optional[str] = None) -> Tensor:
+                dora_magnitude: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """Fused PEFT linear layer (DESIGN.md section 1)::
 
         h = x * ia3_in;  z = h (W + S)^T + bias;  z = z * ia3_out
@@ -213,7 +222,8 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
 
     Args:
         x: [..., K] input (any leading dims, any strides), float32/bfloat16/float16/float64.
-        weight: [N, K] frozen weight, same dtype as x.
+        weight: [N, K] frozen weight, same dtype as x; or a ``fastpeft.QuantizedWeight`` (NF4 / int8,
+            dequantized panel by panel inside the products, never densely; fastpeft.quant.op).
         bias: optional [N] (trainable for BitFit).
         lora_A, lora_B: optional [r, K] and [N, r] low-rank factors (peft's layout).
         lora_scale: scale of the LoRA branch (alpha / r, or alpha / sqrt(r) with rsLoRA).
@@ -225,6 +235,10 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
         ia3_in, ia3_out: optional [K] / [N] IA3 scale vectors.
         sparse_index, sparse_value: optional sparse delta S: int64 [nnz] sorted unique flat
             indices into W and their [nnz] values.
+        dora_magnitude: optional [N] DoRA magnitude m (needs lora_A / lora_B; not with IA3 or a
+            sparse delta): y = c ⊙ (x Wᵀ + s·(x̃ Aᵀ) Bᵀ) + bias with c = m / ‖W + s·B·A‖_row, the norm
+            detached and computed without forming B·A (fastpeft.core.dora); rows whose adapted weight
+            is all zero get c = 0 (output = bias) instead of peft's NaN.
         backend: "reference", "cpp", "triton", or None/"auto" (see fastpeft.set_backend).
 
     Adapter tensors may be float32 while x is bfloat16/float16; their gradients come back in
@@ -232,60 +246,98 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
     F.linear) and shape [..., N].  Bad arguments raise TypeError/ValueError naming the argument
     before any work is done or any seed drawn.  NaN propagates as in plain PyTorch.
     """
-    if type(x) is Tensor and x.is_cpu and (backend is None or backend == "cpp" or backend == "auto") \
-            and x.dtype in _CPP_DTYPES and not _tracing():
+    if type(weight) is QuantizedWeight:
+        return quant_peft_linear(x, weight, bias, lora_A=lora_A, lora_B=lora_B, lora_scale=lora_scale,
+                                 lora_dropout=lora_dropout, dropout_seed=dropout_seed, ia3_in=ia3_in, ia3_out=ia3_out,
+                                 sparse_index=sparse_index, sparse_value=sparse_value, dora_magnitude=dora_magnitude)
+    op = None
+    if dora_magnitude is None and type(x) is Tensor and x.is_cpu and x.dtype in _CPP_DTYPES \
+            and (backend is None or backend == "cpp" or backend == "auto") and not _tracing():
+        op = _backends.eager_cpu_op(backend)
+        # Eager CPU route: one C++ op does the checks, reshape, seed draw and autograd (saving exactly
+        # what _setup_context saves).  Any Python here is paid on every layer call, and after a large
+        # GEMM has flushed the caches it costs ~10x its warm time, so the common call (tensors,
+        # Python numbers, no seed) goes straight in; other scalar forms are converted (and checked)
+        # first, below.
+        if op is not None and type(lora_scale) in _NUMBERS and type(lora_dropout) in _NUMBERS \
+                and dropout_seed is None and isinstance(weight, Tensor) \
+                and (bias is None or isinstance(bias, Tensor)) and (lora_A is None or isinstance(lora_A, Tensor)) \
+                and (lora_B is None or isinstance(lora_B, Tensor)) and (ia3_in is None or isinstance(ia3_in, Tensor)) \
+                and (ia3_out is None or isinstance(ia3_out, Tensor)) \
+                and (sparse_index is None or isinstance(sparse_index, Tensor)) \
+                and (sparse_value is None or isinstance(sparse_value, Tensor)):
+            return op(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, None,
+                      lora_scale, lora_dropout, dropout_seed)
+    a = spec.OpArgs(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, None, lora_scale,
+                    lora_dropout, dropout_seed)
+    if dora_magnitude is not None:
+        return _dora_route(a, dora_magnitude, backend)
+    if op is not None:
+        return op(*_checked_scalars(a, True))
+    return _custom_op_route(a, backend)
+
+
+def _checked_scalars(a, read_values: bool):
+    """Step 1 of the checks (the scalars, converted to Python numbers / a checked seed) and the
+    tensors' types: ``a`` with its scalars replaced."""
+    scale, p, seed = check_scalars(a.lora_scale, a.p, a.seed, read_values=read_values)
+    check_tensor_types(**dict(zip(spec.TENSOR_NAMES, a)))
+    return a._replace(lora_scale=scale, p=p, seed=seed)
+
+
+def _check_tensors(a) -> None:
+    """Step 2: the tensors' dtypes, shapes and devices (the forward op reads the index's values)."""
+    check_peft_linear_args(a.x, a.weight, a.bias, a.lora_A, a.lora_B, a.lora_scale, a.p, a.ia3_in, a.ia3_out,
+                           a.sparse_index, a.sparse_value, check_values=False)
+
+
+def _dora_route(a, dora_magnitude, backend):
+    """DoRA: every argument checked first, then the row norm, then the fused op with its output
+    scale c = m / n (the op argument dora_scale; fastpeft.core.dora.dora_linear)."""
+    a = _checked_scalars(a, not _tracing())
+    _check_tensors(a)
+    check_dora_args(a.weight, a.lora_A, a.lora_B, dora_magnitude, a.ia3_in, a.ia3_out, a.sparse_value, a.x.dtype,
+                    a.x.device)
+    return _dora.dora_linear(lambda c: _route(a._replace(dora_scale=c), backend), a.weight, a.lora_A, a.lora_B,
+                             a.lora_scale, dora_magnitude)
+
+
+def _route(a, backend):
+    """The op on checked arguments: the eager C++ op for eager CPU tensors, else the custom ops."""
+    x = a.x
+    if type(x) is Tensor and x.is_cpu and x.dtype in _CPP_DTYPES and not _tracing() \
+            and (backend is None or backend == "cpp" or backend == "auto"):
         op = _backends.eager_cpu_op(backend)
         if op is not None:
-            # Eager CPU route: one C++ op does the checks, reshape, seed draw and autograd (saving
-            # exactly what _setup_context saves).  Any Python here is paid on every layer call, and
-            # after a large GEMM has flushed the caches it costs ~10x its warm time, so the common
-            # call (tensors, Python numbers, no seed) goes straight in; other scalar forms are
-            # converted (and checked) first.
-            if not (type(lora_scale) in _NUMBERS and type(lora_dropout) in _NUMBERS and dropout_seed is None
-                    and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
-                    and (lora_A is None or isinstance(lora_A, Tensor))
-                    and (lora_B is None or isinstance(lora_B, Tensor))
-                    and (ia3_in is None or isinstance(ia3_in, Tensor))
-                    and (ia3_out is None or isinstance(ia3_out, Tensor))
-                    and (sparse_index is None or isinstance(sparse_index, Tensor))
-                    and (sparse_value is None or isinstance(sparse_value, Tensor))):
-                lora_scale, lora_dropout, dropout_seed = check_scalars(lora_scale, lora_dropout, dropout_seed)
-                check_tensor_types(weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, ia3_in=ia3_in,
-                                   ia3_out=ia3_out, sparse_index=sparse_index, sparse_value=sparse_value)
-            return op(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                      lora_scale, lora_dropout, dropout_seed)
-    return _custom_op_route(x, weight, bias, lora_A, lora_B, lora_scale, lora_dropout, dropout_seed, ia3_in,
-                            ia3_out, sparse_index, sparse_value, backend)
+            return op(*a)
+    return _custom_op_route(a, backend)
 
 
-def _custom_op_route(x, weight, bias, lora_A, lora_B, lora_scale, lora_dropout, dropout_seed, ia3_in, ia3_out,
-                     sparse_index, sparse_value, backend):
+def _custom_op_route(a, backend):
     tracing = _tracing()
-    scale, p, seed = check_scalars(lora_scale, lora_dropout, dropout_seed, read_values=not tracing)
-    check_tensor_types(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, ia3_in=ia3_in,
-                       ia3_out=ia3_out, sparse_index=sparse_index, sparse_value=sparse_value)
-    tensors = (x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_value)
+    a = _checked_scalars(a, not tracing)
+    x = a.x
     if torch.is_autocast_enabled(x.device.type):
-        x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_value = _autocast(x.device.type, tensors)
-        tensors = (x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_value)
-    check_peft_linear_args(x, weight, bias, lora_A, lora_B, scale, p, ia3_in, ia3_out, sparse_index, sparse_value,
-                           check_values=False)  # the forward op reads the index's values when it runs
-    _check_no_tangent(tensors)  # after the static checks and before the data checks, as the C++ op
-    if lora_A is None:
-        p = 0.0
+        a = _autocast(x.device.type, a)
+        x = a.x
+    _check_tensors(a)
+    _check_no_tangent(a[:spec.N_TENSORS])  # after the static checks and before the data checks, as the C++ op
+    if a.lora_A is None:
+        a = a._replace(p=0.0)
     if tracing:
         # Resolved inside the op at run time: resolving may build the C++ extension, which
         # torch.compile must not trace.
         backend_name = backend or "auto"
     else:
         backend_name = _backends.resolve(backend, x.device, x.dtype).name
-    n, k = weight.shape
+    n, k = a.weight.shape
     lead = x.shape[:-1]
     x2d = x.reshape(math.prod(lead), k).contiguous()  # explicit M: reshape(-1, 0) is ambiguous
-    save_z = ia3_out is not None and ia3_out.requires_grad and torch.is_grad_enabled()
+    save_z = spec.saved_for_backward(_Needs(
+        t is not None and t.requires_grad for t in (a[i] for i in _GRAD_POS))).z and torch.is_grad_enabled()
+    seed = a.seed
     seed_t = torch.tensor(seed, dtype=torch.int64) if isinstance(seed, int) else seed
-    y, _, _, _ = _peft_linear_fwd(x2d, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                                  scale, p, seed_t, save_z, backend_name)
+    y = _peft_linear_fwd(*a._replace(x=x2d, seed=seed_t), save_z, backend_name)[0]
     return y.reshape(*lead, n)
 
 

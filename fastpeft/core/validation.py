@@ -122,6 +122,21 @@ def check_tensor_types(**tensors) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_dora_args(weight, lora_A, lora_B, dora_magnitude, ia3_in, ia3_out, sparse_value, x_dtype, x_device) -> None:
+    """DoRA's own checks (the other arguments are checked by check_peft_linear_args)."""
+    _tensor("dora_magnitude", dora_magnitude)
+    if lora_A is None or lora_B is None:
+        raise ValueError("dora_magnitude needs lora_A and lora_B (DoRA scales the LoRA-adapted weight)")
+    conflicts = [name for name, t in (("ia3_in", ia3_in), ("ia3_out", ia3_out), ("sparse_value", sparse_value))
+                 if t is not None]
+    if conflicts:
+        raise ValueError(f"dora_magnitude cannot be combined with {', '.join(conflicts)}: DoRA's row norm is "
+                         "defined for W + s·B·A only")
+    _shape("dora_magnitude", dora_magnitude, (weight.shape[0],))
+    _device("dora_magnitude", dora_magnitude, x_device)
+    _adapter_dtype("dora_magnitude", dora_magnitude, x_dtype)
+
+
 def check_peft_linear_args(x, weight, bias, lora_A, lora_B, lora_scale, lora_dropout, ia3_in, ia3_out,
                            sparse_index, sparse_value, check_values: bool = True) -> None:
     """Raise a TypeError/ValueError naming the first bad tensor argument (steps 2 and 3 above).

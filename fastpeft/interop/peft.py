@@ -9,7 +9,10 @@ keeping the very same Parameter objects (an optimizer built before the conversio
                        ia3_l[a] [N, 1] (others)       ->  IA3Linear.ia3_out [N]
 
 y is unchanged: y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, and y = (x ⊙ s) Wᵀ + b  or
-(x Wᵀ + b) ⊙ s for IA3.  Everything is checked before anything changes.  The peft wrapper keeps
+(x Wᵀ + b) ⊙ s for IA3.  Which peft layer becomes which path, and how its tensors and settings are
+read, is each path's peft mapping (fastpeft.paths: ``peft_tuner``, ``from_peft_layer``); the layer
+is built through the path's ``adopt`` like any other.  Everything is checked before anything
+changes.  The peft wrapper keeps
 working where it can (``disable_adapter``) and raises, naming the fastpeft way, where peft's
 method would silently skip the converted layers (``save_pretrained``, ``merge_and_unload``, ...).
 
@@ -20,7 +23,7 @@ Reading and writing peft checkpoints (:func:`save_adapter`, :func:`load_adapter`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import importlib
 import warnings
 import weakref
 from typing import Optional
@@ -28,34 +31,33 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastpeft.interop.checkpoint import (  # noqa: F401 (save_adapter, load_adapter and the names: re-exported)
-    _INIT_ATTR,
-    _INSTALL_HINT,
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    _rewrites_base,
-    _unwrap_peft,
-    load_adapter,
-    save_adapter,
-)
-from fastpeft.nn.inject import _set_submodule
-from fastpeft.nn.modules import IA3Linear, LoRALinear, PEFTLinear
+from fastpeft.interop.checkpoint import INSTALL_HINT, load_adapter, save_adapter, unwrap_peft
+from fastpeft.nn.inject import set_submodule
+from fastpeft.nn.modules import LAYER_CLASSES, PEFTLinear
+from fastpeft.paths import PATHS
 
 __all__ = ["from_peft", "save_adapter", "load_adapter"]
 
-_INIT_SUBCONFIGS = ("loftq_config", "corda_config", "lora_ga_config")
+# The paths from_peft converts to, by peft tuner: peft.tuners.<tuner>.Linear becomes a fastpeft layer
+# with the first of them (LoRA for "lora"), and the others (paths extending its format) where present.
+_TUNERS: dict = {}
+for _p in PATHS:
+    if _p.peft_tuner is not None:
+        _TUNERS.setdefault(_p.peft_tuner, []).append(_p)
 
 
 def _import_peft():
     try:
-        import peft
-        import peft.tuners.ia3 as peft_ia3
-        import peft.tuners.lora as peft_lora
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils.other import AuxiliaryTrainingWrapper
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(f"fastpeft.from_peft needs peft: {_INSTALL_HINT}") from exc
-    return peft, peft_lora, peft_ia3, BaseTunerLayer, AuxiliaryTrainingWrapper
+        raise ImportError(f"fastpeft.from_peft needs peft: {INSTALL_HINT}") from exc
+    return BaseTunerLayer, AuxiliaryTrainingWrapper
+
+
+def _peft_layer_paths() -> dict:
+    """{peft's Linear layer class: [the fastpeft paths converting it]} (peft.tuners.<peft_tuner>.Linear)."""
+    return {importlib.import_module(f"peft.tuners.{tuner}").Linear: paths for tuner, paths in _TUNERS.items()}
 
 
 # ----------------------------------------------------------------------------- from_peft
@@ -86,59 +88,25 @@ def _active_adapter(name: str, layer, params: dict, method: str) -> Optional[str
     return adapter
 
 
-def _init_record(config) -> Optional[dict]:
-    """The config fields of a base-rewriting init (to write into a checkpoint again), or None."""
-    init = getattr(config, "init_lora_weights", True)
-    if not _rewrites_base(init):
-        return None
-    record = {"init_lora_weights": init}
-    for key in _INIT_SUBCONFIGS:
-        value = getattr(config, key, None)
-        if value:
-            record[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-    return record
-
-
-def _convert_lora(name: str, layer, adapter: str, backend: Optional[str], config) -> PEFTLinear:
-    if layer.use_dora.get(adapter, False) or adapter in getattr(layer, "lora_magnitude_vector", {}):
-        raise NotImplementedError(f"{name}: DoRA (use_dora=True) is not supported by fastpeft")
-    if adapter in layer.lora_variant:
-        raise NotImplementedError(f"{name}: the LoRA variant {type(layer.lora_variant[adapter]).__name__} "
-                                  "is not supported by fastpeft (plain LoRA and rsLoRA are)")
-    if layer.lora_bias.get(adapter, False) or layer.lora_B[adapter].bias is not None:
-        raise NotImplementedError(f"{name}: lora_bias=True (a bias on lora_B) is not supported by fastpeft")
-    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
-        raise NotImplementedError(f"{name}: LoRA factors of type {type(lora_A).__name__}/{type(lora_B).__name__} "
-                                  "are not supported by fastpeft (plain nn.Linear factors are)")
-    dropout = layer.lora_dropout[adapter]
-    if isinstance(dropout, nn.Dropout):
-        p = float(dropout.p)
-    elif isinstance(dropout, nn.Identity):
-        p = 0.0
-    else:
-        raise NotImplementedError(f"{name}: LoRA dropout module {type(dropout).__name__} is not supported")
-    base = layer.base_layer
-    new = LoRALinear(base.weight, base.bias)  # the very same Parameters, requires_grad untouched
-    new.backend = backend
-    new.lora_A, new.lora_B = lora_A.weight, lora_B.weight
-    new.r = int(lora_A.weight.shape[0])
-    new.lora_alpha = float(layer.lora_alpha[adapter])
-    new.use_rslora = bool(layer.use_rslora.get(adapter, False))
-    new.lora_scale = float(layer.scaling[adapter])  # peft's live value (set_scale may have changed it)
-    new.lora_dropout = p
-    record = _init_record(config)
-    if record is not None:  # the base weight holds the init's residual: save_adapter must say so
-        setattr(new, _INIT_ATTR, record)
-    return new
-
-
-def _convert_ia3(name: str, layer, adapter: str, backend: Optional[str]):
-    base = layer.base_layer
-    new = IA3Linear(base.weight, base.bias)
-    new.backend = backend
-    # The vector is attached (and reshaped) only once every layer has passed its checks.
-    return new, layer.ia3_l[adapter], "ia3_in" if layer.is_feedforward else "ia3_out"
+def _convert(name: str, peft_layer, adapter: str, paths: list, backend: Optional[str], config) -> tuple:
+    """The fastpeft layer for one peft layer, built off the model: (layer, [(attribute, peft's
+    Parameter, fastpeft's shape)] still to attach).  Every path of the layer's tuner reads its part
+    (``from_peft_layer``; None: not on this layer) and is added through its ``adopt``, with the same
+    Parameter objects (requires_grad untouched); one whose peft layout differs (IA3's [1, K] /
+    [N, 1]) is added as a view now and reshaped in place by ``_attach`` once every layer passed."""
+    base = peft_layer.base_layer
+    new = LAYER_CLASSES.get(paths[0].name, PEFTLinear)(base.weight, base.bias, backend=backend)
+    pending = []
+    for path in paths:
+        found = path.from_peft_layer(name, peft_layer, adapter, config)
+        if found is None:
+            continue
+        tensors, options = found
+        shapes = {a: path.layout(new, a, t) for a, t in tensors.items()}
+        views = {a: t if tuple(t.shape) == shapes[a] else t.detach().view(shapes[a]) for a, t in tensors.items()}
+        path.assign(new, path.adopt(new, **views, **options))  # the layer is not in the model yet
+        pending += [(a, t, shapes[a]) for a, t in tensors.items() if views[a] is not t]
+    return new, pending
 
 
 class _OldShapeGrads:
@@ -191,14 +159,14 @@ def _holds_old_accumulator(param: nn.Parameter) -> bool:
     return tuple(shape) != tuple(param.shape)
 
 
-def _attach_ia3(new: PEFTLinear, vec: nn.Parameter, attr: str) -> tuple:
-    # peft stores [1, K] (feed-forward, scales inputs) or [N, 1] (scales outputs); fastpeft's op
-    # takes [K] / [N].  Reshape the data of the same Parameter object (a view, no copy).
+def _reshape_param(vec: nn.Parameter, shape: tuple) -> tuple:
+    """Give peft's Parameter ``vec`` fastpeft's ``shape`` (a view of the same storage, same object);
+    returns (vec, its old shape) for the optimizer state."""
     old_shape = tuple(vec.shape)
     with torch.no_grad():
-        vec.data = vec.data.reshape(-1)
+        vec.data = vec.data.reshape(shape)
         if vec.grad is not None:
-            vec.grad = vec.grad.reshape(-1)
+            vec.grad = vec.grad.reshape(shape)
     if _holds_old_accumulator(vec):
         # A live graph (a pending backward, or a finished one its loss still references) holds the
         # accumulator that expects the old shape; new graphs would reuse it and fail ("invalid
@@ -212,8 +180,17 @@ def _attach_ia3(new: PEFTLinear, vec: nn.Parameter, attr: str) -> tuple:
         fix = _OldShapeGrads(vec)
         vec.register_hook(fix.before)
         vec.register_post_accumulate_grad_hook(fix.after)
-    setattr(new, attr, vec)
     return vec, old_shape
+
+
+def _attach(new: PEFTLinear, pending: list) -> list:
+    """Give ``new`` peft's own Parameters where ``_convert`` put views, reshaped in place to
+    fastpeft's shapes; returns [(parameter, old shape)] for the optimizer state.  Cannot fail."""
+    reshaped = []
+    for attr, param, shape in pending:
+        reshaped.append(_reshape_param(param, shape))
+        setattr(new, attr, param)
+    return reshaped
 
 
 def _reshape_optimizer_state(optimizer, reshaped) -> None:
@@ -223,7 +200,7 @@ def _reshape_optimizer_state(optimizer, reshaped) -> None:
             continue
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and tuple(value.shape) == old_shape:
-                state[key] = value.reshape(-1)
+                state[key] = value.reshape(param.shape)
 
 
 # peft methods that would silently skip the converted layers, and the fastpeft way to do each.
@@ -241,8 +218,8 @@ _GUARDED = {
     "add_adapter": _ADAPTERS_HINT, "load_adapter": _ADAPTERS_HINT, "set_adapter": _ADAPTERS_HINT,
     "delete_adapter": _ADAPTERS_HINT, "add_weighted_adapter": _ADAPTERS_HINT,
 }
-# What disable_adapter takes off a fastpeft layer (and puts back): every adapter path.
-_ADAPTER_ATTRS = ("lora_A", "lora_B", "dora_magnitude", "ia3_in", "ia3_out", "sparse_value", "sparse_index")
+# What disable_adapter takes off a fastpeft layer (and puts back): every path of the merged weight.
+_ADAPTER_ATTRS = tuple(t for p in PATHS if p.changes_weight for t in p.slots)
 
 
 class _ConvertedByFastpeft:
@@ -271,8 +248,8 @@ def _adapters_disabled(peft_model):
     """Run the model without adapters: fastpeft layers lose their adapter paths for the duration
     (the same objects are put back), layers left on peft's path are disabled by peft's tuner.
     Trained biases stay, as in peft.  Merged fastpeft layers raise (their weight holds the adapter)."""
-    _, _, _, BaseTunerLayer, AuxiliaryTrainingWrapper = _import_peft()
-    root = _unwrap_peft(peft_model)
+    BaseTunerLayer, AuxiliaryTrainingWrapper = _import_peft()
+    root = unwrap_peft(peft_model)
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, PEFTLinear)]
     merged = [n for n, m in layers if m.merged]
     if merged:
@@ -364,10 +341,11 @@ def from_peft(peft_model: nn.Module, *, backend: Optional[str] = None, optimizer
         The underlying model (``peft_model.get_base_model()`` for a PeftModel) with the peft layers
         replaced.
     """
-    _, peft_lora, peft_ia3, BaseTunerLayer, AuxiliaryTrainingWrapper = _import_peft()
+    BaseTunerLayer, AuxiliaryTrainingWrapper = _import_peft()
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"peft_model must be a torch.nn.Module (a peft model), got {type(peft_model).__name__}")
-    root = _unwrap_peft(peft_model)
+    kinds = _peft_layer_paths()
+    root = unwrap_peft(peft_model)
     configs = getattr(peft_model, "peft_config", None)
     configs = configs if isinstance(configs, dict) else {}
     replacements, plain, left, idle = [], [], [], []
@@ -385,32 +363,28 @@ def from_peft(peft_model: nn.Module, *, backend: Optional[str] = None, optimizer
         fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
         base = getattr(module, "base_layer", None)
         plain_base = isinstance(base, nn.Linear) and not fan_in_fan_out and not isinstance(base, BaseTunerLayer)
-        kind = type(module) if plain_base and type(module) in (peft_lora.Linear, peft_ia3.Linear) else None
-        if kind is None:
+        paths = kinds.get(type(module)) if plain_base else None
+        if paths is None:
             left.append(f"{name} ({type(module).__module__}.{type(module).__name__} on "
                         f"{type(base).__name__}{', fan_in_fan_out' if fan_in_fan_out else ''})")
             continue
-        params = module.lora_A if kind is peft_lora.Linear else module.ia3_l
-        adapter = _active_adapter(name, module, params, "LoRA" if kind is peft_lora.Linear else "IA3")
+        params = getattr(module, paths[0].peft_adapters)
+        adapter = _active_adapter(name, module, params, paths[0].label)
         if adapter is None:
             if all(len(getattr(module, n, ())) == 0 for n in module.adapter_layer_names):
                 plain.append((name, base))
             else:
                 idle.append(f"{name} (no active adapter; keeps its inactive adapters {sorted(params)})")
-        elif kind is peft_lora.Linear:
-            replacements.append((name, _convert_lora(name, module, adapter, backend, configs.get(adapter)), None))
         else:
-            new, vec, attr = _convert_ia3(name, module, adapter, backend)
-            replacements.append((name, new, (vec, attr)))
-    # Every layer passed its checks: only now is anything changed.
+            replacements.append((name, *_convert(name, module, adapter, paths, backend, configs.get(adapter))))
+    # Every layer passed its checks: only now is anything the user owns changed.
     reshaped = []
-    for name, new, ia3 in replacements:
-        if ia3 is not None:
-            reshaped.append(_attach_ia3(new, *ia3))
+    for name, new, pending in replacements:
+        reshaped += _attach(new, pending)
         new.train(root.get_submodule(name).training)
-        _set_submodule(root, name, new)
+        set_submodule(root, name, new)
     for name, base in plain:
-        _set_submodule(root, name, base)
+        set_submodule(root, name, base)
     if optimizer is not None:
         _reshape_optimizer_state(optimizer, reshaped)
     if peft_model is not root and (replacements or plain):

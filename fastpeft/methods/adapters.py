@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -41,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastpeft.core import backends as _backends
-from fastpeft.nn.accounting import remember_pretrained
-from fastpeft.nn.config import TargetModules, _check_targets, matches
 from fastpeft.core.validation import check_positive_int
+from fastpeft.nn.config import TargetModules, check_targets, matches
+from fastpeft.nn.pretrained import freeze_all_but_adapters, remember_pretrained
 
 # Activation codes shared with the C++ and Triton kernels (keep in sync with csrc/adapter.cpp).
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
@@ -392,13 +393,13 @@ def _adapter_hook(module: nn.Module, args, output):
     return module.adapter(output)
 
 
-def attach_adapter(module: nn.Module, adapter: "BottleneckAdapter") -> None:
+def attach_adapter(module: nn.Module, adapter: BottleneckAdapter) -> None:
     """Make ``adapter`` the child ``adapter`` of ``module`` and apply it to ``module``'s output (a hook)."""
     module.adapter = adapter
     module.register_forward_hook(_adapter_hook)
 
 
-def adapter_of(module: nn.Module) -> Optional["BottleneckAdapter"]:
+def adapter_of(module: nn.Module) -> Optional[BottleneckAdapter]:
     """The bottleneck adapter ``attach_adapter`` put on ``module``, or None."""
     adapter = module._modules.get("adapter")
     if isinstance(adapter, BottleneckAdapter) and _adapter_hook in module._forward_hooks.values():
@@ -471,7 +472,7 @@ class AdapterConfig:
         activation_code(self.activation)
         if self.variant not in VARIANT_TARGETS:
             raise ValueError(f"variant must be one of {', '.join(VARIANT_TARGETS)}, got {self.variant!r}")
-        _check_targets(self.target_modules)
+        check_targets(self.target_modules)
 
     @property
     def targets(self) -> TargetModules:
@@ -510,8 +511,6 @@ class AdapterConfig:
                 _output_size(module), self.bottleneck, self.activation, self.bias,
                 dtype=ref.dtype if ref is not None else None, device=ref.device if ref is not None else None,
                 backend=self.backend)
-        from fastpeft.nn.inject import freeze_all_but_adapters
-
         freeze_all_but_adapters(model)
         for name, adapter in adapters.items():
             attach_adapter(model.get_submodule(name), adapter)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastpeft.core.validation import check_positive_int
+from fastpeft.methods.adapters import BottleneckAdapter
+from fastpeft.nn.modules import PEFTLinear
 
 POOLINGS = ("cls", "mean", "last", "none")
 IGNORE_INDEX = -100
@@ -193,9 +195,6 @@ class ModelWithHead(nn.Module):
                              f"{head.num_classes} classes")
         self.backbone, self.head = backbone, head
         if freeze_backbone:
-            from fastpeft.methods.adapters import BottleneckAdapter
-            from fastpeft.nn.modules import PEFTLinear
-
             def is_peft(m):
                 return (isinstance(m, (PEFTLinear, BottleneckAdapter))
                         or "prompt" in getattr(m, "PARAM_CATEGORIES", {}).values())

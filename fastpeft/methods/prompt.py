@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastpeft.core.validation import check_positive_int
-from fastpeft.nn.accounting import initial_values, remember_pretrained
+from fastpeft.nn.pretrained import initial_values, remember_pretrained
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding:

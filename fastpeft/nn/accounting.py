@@ -12,11 +12,13 @@ for each category (weight, bias, adapter, prompt, scaling, sparse):
   pre-trained counterpart (prompt, bottleneck adapters) count the entries that differ from their
   initial values when a snapshot exists, else their trainable entries.
 
-and per adapted layer the rank of its weight difference (``report.ranks``).
+and per adapted layer the rank of its weight difference (``report.ranks``).  What each PEFT path
+changes, and the closed forms used when it is a layer's only path (the rank of s·BA from r x r
+factors), come from the path objects (fastpeft.paths: ``changed``, ``rank_alone``, ``invert``).
 
 Baselines for in-place training come from ``pretrained`` (a state_dict or module of the
 pre-trained model) when given, else from snapshots fastpeft takes when it makes a pre-trained
-parameter trainable (``remember_pretrained``).  Without either, a trainable pre-trained
+parameter trainable (``remember_pretrained``, fastpeft.nn.pretrained).  Without either, a trainable pre-trained
 parameter counts all its entries as changed (an upper bound).
 
 Accounting only reads: it never modifies the model (no merge/unmerge round trip, no flag
@@ -36,26 +38,13 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.weak import WeakIdKeyDictionary
+
+from fastpeft.nn.modules import PEFTLinear
+from fastpeft.nn.pretrained import initial_values
+from fastpeft.paths import Rounding, merged_rows, weight_paths
+from fastpeft.paths.base import finite_rank
 
 CATEGORIES = ("weight", "bias", "adapter", "prompt", "scaling", "sparse")
-_ROW_CHUNK = 1024
-_SNAPSHOTS = WeakIdKeyDictionary()
-
-
-def remember_pretrained(param: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
-    """Keep a copy of a pre-trained parameter's values (or of ``values``: its values before
-    training, e.g. carried by a copy) before it is trained in place.  The first call wins."""
-    if param not in _SNAPSHOTS:
-        src = param if values is None else values
-        if tuple(src.shape) != tuple(param.shape):
-            raise ValueError(f"values must have the parameter's shape {list(param.shape)}, got {list(src.shape)}")
-        _SNAPSHOTS[param] = src.detach().to(param.device, param.dtype).clone()
-
-
-def initial_values(param: torch.Tensor) -> Optional[torch.Tensor]:
-    """The values ``remember_pretrained`` kept for ``param`` (None if it kept none)."""
-    return _SNAPSHOTS.get(param)
 
 
 def category_of(module: nn.Module, param_name: str) -> str:
@@ -94,9 +83,10 @@ class _Unmerged:
     """The pre-trained weight and bias of a PEFTLinear, worked out without touching the layer.
 
     Unmerged layer: the tensors themselves (exact).  Merged layer: undo merge() out of place in
-    float64, W = (W' - s·B·A) / (ia3_out ⊗ ia3_in) - S and b = b' / ia3_out, with a per-entry
-    rounding bound ``tol`` (the merged weight was rounded to its dtype).  Entries whose IA3 scale
-    is exactly 0 were erased by merge(): ``known`` is False there (no division by zero, ever).
+    float64, every path's ``invert`` in reverse PATHS order, W = (W' - s·B·A) / (ia3_out ⊗ ia3_in) - S
+    and b = b' / ia3_out, with a per-entry rounding bound ``tol`` (the merged weight was rounded to
+    its dtype).  Entries whose IA3 scale is exactly 0 were erased by merge(): ``known`` is False
+    there (no division by zero, ever).
     """
 
     def __init__(self, layer):
@@ -107,27 +97,15 @@ class _Unmerged:
             self.w_known = self.b_known = None  # everything known exactly
             return
         eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
-        n, k = w.shape
         ww = w.double()
-        err = ww.abs()
-        if layer.lora_A is not None:
-            low = layer.lora_scale * (layer.lora_B.detach().double() @ layer.lora_A.detach().double())
-            ww = ww - low
-            err = err + low.abs()
-        s_out = layer.ia3_out.detach().double() if layer.ia3_out is not None else ww.new_ones(n)
-        s_in = layer.ia3_in.detach().double() if layer.ia3_in is not None else ww.new_ones(k)
-        scale = s_out[:, None] * s_in[None, :]
-        self.w_known = scale != 0
-        safe = torch.where(self.w_known, scale, torch.ones_like(scale))
-        ww = torch.where(self.w_known, ww / safe, torch.zeros_like(ww))
-        err = err / safe.abs()
-        if layer.sparse_value is not None:
-            sparse = ww.new_zeros(n * k).index_add_(0, layer.sparse_index, layer.sparse_value.detach().double())
-            ww = ww - sparse.view(n, k)
-            err = err + sparse.view(n, k).abs()
-        self.weight, self.w_tol = ww, 8 * eps * err
+        bound = Rounding(ww)
+        for path in reversed(weight_paths(layer)):
+            ww = path.invert(layer, ww, bound)
+        self.weight, self.w_tol, self.w_known = ww, 8 * eps * bound.err, bound.known
         self.bias, self.b_known, self.b_tol = b, None, None
-        if b is not None and layer.ia3_out is not None:
+        scales = [s.detach().double() for s in (p.bias_scale(layer) for p in weight_paths(layer)) if s is not None]
+        if b is not None and scales:
+            s_out = torch.stack(scales).prod(0)
             known = s_out != 0
             bb = torch.where(known, b.double() / torch.where(known, s_out, torch.ones_like(s_out)),
                              torch.zeros_like(s_out))
@@ -138,9 +116,7 @@ def _reference_of(param: torch.Tensor, baseline: Optional[torch.Tensor]) -> Opti
     """The pre-trained values of ``param``: the user's baseline, else fastpeft's snapshot, else None."""
     if baseline is not None and baseline.shape == param.shape:
         return baseline
-    if param in _SNAPSHOTS:
-        return _SNAPSHOTS[param]
-    return None
+    return initial_values(param)
 
 
 def _count_changed(param: torch.Tensor, baseline: Optional[torch.Tensor], unmerged=None) -> int:
@@ -164,60 +140,14 @@ def _count_changed(param: torch.Tensor, baseline: Optional[torch.Tensor], unmerg
     return int((differ & known).sum()) + unknown
 
 
-def _lora_changed(layer) -> int:
-    a, b = layer.lora_A.detach().float(), layer.lora_B.detach().float()
-    return sum(int(torch.count_nonzero(layer.lora_scale * (b[i:i + _ROW_CHUNK] @ a)))
-               for i in range(0, b.shape[0], _ROW_CHUNK))
-
-
-def _ia3_changed(layer, pre: _Unmerged) -> int:
-    """Entries of the pre-trained W that the IA3 scales change: scale != 1 and W != 0.
-
-    In a merged layer, an entry a zero scale erased, or one whose reconstruction is not exactly 0,
-    counts as nonzero (upper bound).
-    """
-    w = pre.weight
-    n, k = w.shape
-    s_in = layer.ia3_in.detach().float() if layer.ia3_in is not None else torch.ones(k, device=w.device)
-    s_out = layer.ia3_out.detach().float() if layer.ia3_out is not None else torch.ones(n, device=w.device)
-    total = 0
-    for i in range(0, n, _ROW_CHUNK):
-        rows = slice(i, i + _ROW_CHUNK)
-        scale = s_out[rows, None] * s_in[None, :]
-        nonzero = w[rows] != 0
-        if pre.w_tol is not None:  # merged: zero only when the reconstruction is exactly 0 (upper bound)
-            nonzero = nonzero | (pre.w_tol[rows] > 0)
-        if pre.w_known is not None:
-            nonzero = nonzero | ~pre.w_known[rows]
-        total += int(((scale != 1) & nonzero).sum())
-    return total
-
-
-def _finite_rank(matrix: torch.Tensor) -> Optional[int]:
-    if not bool(torch.isfinite(matrix).all()):
-        return None
-    if not bool(matrix.any()):
-        return 0
-    return int(torch.linalg.matrix_rank(matrix))
-
-
-def _lora_rank(layer) -> Optional[int]:
-    # rank(B A) = rank(R_B R_A^T) with B = Q_B R_B and A^T = Q_A R_A: an r x r problem.
-    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-        return None
-    r_b = torch.linalg.qr(b).R
-    r_a = torch.linalg.qr(a.t()).R
-    return _finite_rank(r_b @ r_a.t())
-
-
 def _delta_rank(name: str, layer, unmerged, baseline: Optional[torch.Tensor]) -> Optional[int]:
     """Rank of the layer's weight difference, never modifying the layer; None when it cannot be known."""
-    has_other = layer.ia3_in is not None or layer.ia3_out is not None or layer.sparse_value is not None
-    if layer.lora_A is not None and not has_other:
-        rank = _lora_rank(layer)
+    paths = weight_paths(layer)
+    rank = paths[0].rank_alone(layer) if len(paths) == 1 else NotImplemented
+    if rank is not NotImplemented:
+        pass
     elif not layer.merged:
-        rank = _finite_rank(layer.delta_weight())
+        rank = finite_rank(layer.delta_weight())
     else:
         pre = unmerged()
         w0 = pre.weight
@@ -230,27 +160,20 @@ def _delta_rank(name: str, layer, unmerged, baseline: Optional[torch.Tensor]) ->
                 return None
             w0 = torch.where(pre.w_known, w0, ref.to(w0.device, w0.dtype))
         w0 = w0.float()
-        rank = _finite_rank(layer._apply_paths_(w0.clone()) - w0)  # out of place: w0 is our own copy
+        rows = slice(0, layer.out_features)
+        rank = finite_rank(merged_rows(layer, w0.clone(), rows, inplace=True) - w0)  # w0 is our own copy
     if rank is None:
         warnings.warn(f"count_parameters: {name or 'the layer'}'s weight difference has non-finite entries; "
                       "its rank is reported as None", stacklevel=4)
     return rank
 
 
-def _meta_counts(layer) -> dict:
-    """Upper bounds for a layer whose tensors have no values (meta device)."""
-    entries = layer.out_features * layer.in_features
-    return {"adapter": entries if layer.lora_A is not None else 0,
-            "scaling": entries if layer.ia3_in is not None or layer.ia3_out is not None else 0,
-            "sparse": layer.sparse_value.numel() if layer.sparse_value is not None else 0}
-
-
 def _peft_linear_counts(name: str, layer, counts: dict, ranks: Optional[dict], baseline: dict,
                         own: set) -> None:
     """Changed counts (and rank) of a PEFTLinear; ``own``: its parameter names not counted elsewhere."""
-    if any(t.is_meta for t in layer.parameters()):
-        for cat, value in _meta_counts(layer).items():
-            counts[cat]["changed"] += value
+    if any(t.is_meta for t in layer.parameters()):  # upper bounds: no values to look at
+        for path in weight_paths(layer):
+            counts[path.category]["changed"] += path.max_changed(layer)
         for pname in ("weight", "bias"):
             p = getattr(layer, pname)
             if p is not None and pname in own:
@@ -265,15 +188,8 @@ def _peft_linear_counts(name: str, layer, counts: dict, ranks: Optional[dict], b
             cache.append(_Unmerged(layer))
         return cache[0]
 
-    changed = {"adapter": 0, "scaling": 0, "sparse": 0}
-    if layer.lora_A is not None:
-        changed["adapter"] = _lora_changed(layer)
-    if layer.ia3_in is not None or layer.ia3_out is not None:
-        changed["scaling"] = _ia3_changed(layer, pre())
-    if layer.sparse_value is not None:
-        changed["sparse"] = int(torch.count_nonzero(layer.sparse_value.detach()))
-    for cat, value in changed.items():
-        counts[cat]["changed"] += value
+    for path in weight_paths(layer):
+        counts[path.category]["changed"] += path.changed(layer, pre)
     # weight and bias: in-place changes only (a merged layer's adapter effect is counted above)
     merged = layer.merged
     base_w = baseline.get(f"{name}.weight" if name else "weight")
@@ -297,8 +213,6 @@ def count_parameters(model: nn.Module, pretrained: Optional[Union[nn.Module, dic
         a rank that cannot be known (see the module docstring) is None.
     The model is only read, never modified.
     """
-    from fastpeft.nn.modules import PEFTLinear
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if pretrained is not None and not isinstance(pretrained, (nn.Module, Mapping)):
@@ -321,7 +235,8 @@ def count_parameters(model: nn.Module, pretrained: Optional[Union[nn.Module, dic
             counts[cat]["total"] += p.numel()
             counts[cat]["trainable"] += p.numel() if p.requires_grad else 0
         if isinstance(module, PEFTLinear):
-            _peft_linear_counts(name, module, counts, rank_of if ranks else None, baseline, {n for n, _ in own})
+            with torch.no_grad():
+                _peft_linear_counts(name, module, counts, rank_of if ranks else None, baseline, {n for n, _ in own})
             continue
         custom = getattr(module, "changed_counts", None)
         if callable(custom):

@@ -1,5 +1,8 @@
 """peft-style configs: one dataclass per method, ``target_modules`` as names or a regex.
 
+Each config names its PEFT path (``path``: a fastpeft.paths name) and says what ``inject`` adds to
+each target layer: ``layer_paths(name, layer)`` -> [(path name, options of path.parts)].
+
 ``target_modules`` matches a module's qualified name like peft does: a string is a regular
 expression that must match the whole name; a list matches a name equal to an entry or ending
 in "." + entry ("query" matches "encoder.layer.0.attention.self.query").
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from fastpeft.core.validation import check_positive_int
 
@@ -25,7 +28,8 @@ def matches(name: str, targets: TargetModules) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _check_targets(targets: TargetModules, what: str = "target_modules") -> None:
+def check_targets(targets: TargetModules, what: str = "target_modules") -> None:
+    """TypeError/ValueError unless ``targets`` is None, a valid regex, or a list of module names."""
     if targets is None or isinstance(targets, str):
         if isinstance(targets, str):
             try:
@@ -42,7 +46,8 @@ class LoRAConfig:
     """LoRA on matching nn.Linear layers: scale alpha/r (alpha/sqrt(r) with use_rslora).
 
     bias: "none" (biases frozen), "all" (every bias in the model trains), "lora_only" (biases of
-    the adapted layers train).  modules_to_save: extra module names kept trainable (e.g. a head).
+    the adapted layers train).  use_dora: DoRA on top of LoRA (a trainable magnitude per output row,
+    fastpeft.paths.dora).  modules_to_save: extra module names kept trainable (e.g. a head).
     target_modules None adapts every nn.Linear except one whose weight is tied to another module
     (an output layer sharing the input embeddings), as peft's "all-linear" leaves the output layer
     out; the same default holds for every config (see fastpeft.nn.inject).
@@ -56,6 +61,8 @@ class LoRAConfig:
     bias: str = "none"
     modules_to_save: Optional[list[str]] = None
     backend: Optional[str] = None
+    use_dora: bool = False
+    path: ClassVar[str] = "lora"
 
     def __post_init__(self):
         check_positive_int("r", self.r)
@@ -63,7 +70,20 @@ class LoRAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.bias not in LORA_BIAS:
             raise ValueError(f"bias must be one of {', '.join(LORA_BIAS)}, got {self.bias!r}")
-        _check_targets(self.target_modules)
+        check_targets(self.target_modules)
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"use_dora must be True or False, got {self.use_dora!r}")
+
+    @property
+    def trains_all_biases(self) -> bool:
+        """Whether every bias of the model trains (not only those of the targets)."""
+        return self.bias == "all"
+
+    def layer_paths(self, name: str, layer) -> list[tuple[str, dict]]:
+        """LoRA on every target; with bias="lora_only" also BitFit on targets that have a bias."""
+        lora = ("lora", dict(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora))
+        dora = [("dora", {"with_lora": True})] * self.use_dora  # DoRA: a magnitude per row, on LoRA
+        return [lora] + dora + [("bitfit", {})] * (self.bias == "lora_only" and layer.bias is not None)
 
 
 @dataclass
@@ -74,10 +94,16 @@ class IA3Config:
     feedforward_modules: TargetModules = None
     modules_to_save: Optional[list[str]] = None
     backend: Optional[str] = None
+    path: ClassVar[str] = "ia3"
+    trains_all_biases: ClassVar[bool] = False
 
     def __post_init__(self):
-        _check_targets(self.target_modules)
-        _check_targets(self.feedforward_modules, "feedforward_modules")
+        check_targets(self.target_modules)
+        check_targets(self.feedforward_modules, "feedforward_modules")
+
+    def layer_paths(self, name: str, layer) -> list[tuple[str, dict]]:
+        ff = self.feedforward_modules is not None and matches(name, self.feedforward_modules)
+        return [("ia3", {"position": "in" if ff else "out"})]
 
 
 @dataclass
@@ -87,9 +113,17 @@ class BitFitConfig:
     target_modules: TargetModules = None
     modules_to_save: Optional[list[str]] = None
     backend: Optional[str] = None
+    path: ClassVar[str] = "bitfit"
 
     def __post_init__(self):
-        _check_targets(self.target_modules)
+        check_targets(self.target_modules)
+
+    @property
+    def trains_all_biases(self) -> bool:
+        return self.target_modules is None
+
+    def layer_paths(self, name: str, layer) -> list[tuple[str, dict]]:
+        return [("bitfit", {})]
 
 
 @dataclass
@@ -111,10 +145,25 @@ class SparseConfig:
     indices: Optional[dict] = field(default=None, repr=False)
     modules_to_save: Optional[list[str]] = None
     backend: Optional[str] = None
+    path: ClassVar[str] = "sparse"
+    trains_all_biases: ClassVar[bool] = False
 
     def __post_init__(self):
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
             raise ValueError(f"density must be a float in (0, 1], got {self.density!r}")
-        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
+        bad_block = isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1
+        if self.block is not None and bad_block:
             raise ValueError(f"block must be a positive int or None, got {self.block!r}")
-        _check_targets(self.target_modules)
+        check_targets(self.target_modules)
+
+    def layer_paths(self, name: str, layer) -> list[tuple[str, dict]]:
+        index = None
+        if self.indices is not None:
+            if name not in self.indices:
+                raise ValueError(f"SparseConfig.indices has no entry for it (it has {sorted(self.indices)[:8]})")
+            index = self.indices[name]
+        elif self.selection == "gradient":
+            raise ValueError("selection='gradient' needs the per-layer indices: pass SparseConfig(indices="
+                             "fastpeft.select_sparse_by_gradient(model, batches, config, loss_fn=...))")
+        return [("sparse", dict(density=self.density, selection=self.selection, block=self.block, seed=self.seed,
+                                index=index))]

@@ -21,18 +21,23 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from fastpeft.methods.adapters import adapter_of, attach_adapter, is_adapter_hook
-from fastpeft.nn.accounting import remember_pretrained
 from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig, matches
-from fastpeft.nn.modules import BitFitLinear, IA3Linear, LoRALinear, PEFTLinear, SparseLinear
+from fastpeft.nn.modules import LAYER_CLASSES, PEFTLinear
+from fastpeft.nn.pretrained import freeze_all_but_adapters, train_in_place
+from fastpeft.paths import get as get_path
+from fastpeft.paths import weight_paths
 
-_LAYER_CLASS = {LoRAConfig: LoRALinear, IA3Config: IA3Linear, BitFitConfig: BitFitLinear, SparseConfig: SparseLinear}
-_CHANGES_WEIGHT = (LoRAConfig, IA3Config, SparseConfig)  # merging these rewrites W
+__all__ = ["inject", "merge", "unmerge", "target_names", "tied_layers", "set_submodule", "check_replaceable",
+           "freeze_all_but_adapters"]
+_CONFIGS = (LoRAConfig, IA3Config, BitFitConfig, SparseConfig)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at qualified name ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -50,7 +55,7 @@ def _adaptable(module: nn.Module) -> bool:
 def _keys(t) -> list:
     # The same Parameter object, or the same memory seen the same way (nn.Parameter(other.data)).
     keys = [("id", id(t))]
-    if t.device.type != "meta" and t.numel() > 0:
+    if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() > 0:  # not a QuantizedWeight
         keys.append(("view", str(t.device), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype))
     return keys
 
@@ -90,11 +95,10 @@ class _Plan:
     name: str
     layer: PEFTLinear                    # the model's PEFTLinear, or the replacement (not yet in the model)
     replaces: Optional[nn.Module] = None  # the nn.Linear it replaces
-    parts: dict = field(default_factory=dict)
-    train_bias: bool = False
+    steps: list = field(default_factory=list)  # [path, options, parts or None (not built yet)]
 
 
-def _check_replaceable(name: str, module: nn.Module) -> None:
+def check_replaceable(name: str, module: nn.Module) -> None:
     """Raise unless replacing ``module`` keeps everything attached to it (only our adapter moves)."""
     adapter = adapter_of(module)
     children = [n for n, c in module.named_children() if c is not adapter]
@@ -108,27 +112,29 @@ def _check_replaceable(name: str, module: nn.Module) -> None:
                          "inject fastpeft methods before registering hooks or adding submodules to the layer")
 
 
+def replacement(name: str, module: nn.Module, path: str, backend: Optional[str]) -> PEFTLinear:
+    """The fastpeft layer (of ``path``'s class) that will replace the plain linear ``module`` at
+    ``name``: same weight and bias objects, nothing changed yet (see ``swap_in``)."""
+    check_replaceable(name, module)
+    return LAYER_CLASSES.get(path, PEFTLinear)(module.weight, module.bias, backend=backend)
+
+
+def swap_in(model: nn.Module, name: str, layer: PEFTLinear, replaced: nn.Module) -> None:
+    """Put ``layer`` in place of ``replaced`` at ``name``: its weight frozen, its train/eval mode and
+    its bottleneck adapter kept.  Cannot fail (``replacement`` checked it)."""
+    layer.weight.requires_grad_(False)
+    layer.train(replaced.training)
+    adapter = adapter_of(replaced)
+    if adapter is not None:  # a bottleneck adapter attached to the nn.Linear moves onto its replacement
+        attach_adapter(layer, adapter)
+    set_submodule(model, name, layer)
+
+
 def _check(plan: _Plan, config) -> None:
     """Every check for one target, on the layer as it is (no random draw, nothing changes)."""
-    layer, name = plan.layer, plan.name
-    if isinstance(config, LoRAConfig):
-        layer._check_lora(config.r, config.dropout)
-        plan.train_bias = config.bias == "lora_only" and layer.bias is not None
-    elif isinstance(config, IA3Config):
-        ff = config.feedforward_modules is not None and matches(name, config.feedforward_modules)
-        plan.parts = layer._ia3_parts("in" if ff else "out")
-    elif isinstance(config, BitFitConfig):
-        plan.train_bias = True
-    else:
-        index = None
-        if config.indices is not None:
-            if name not in config.indices:
-                raise ValueError(f"SparseConfig.indices has no entry for it (it has {sorted(config.indices)[:8]})")
-            index = config.indices[name]
-        elif config.selection == "gradient":
-            raise ValueError("selection='gradient' needs the per-layer indices: pass SparseConfig(indices="
-                             "fastpeft.select_sparse_by_gradient(model, batches, config, loss_fn=...))")
-        plan.parts = layer._sparse_parts(config.density, config.selection, config.block, config.seed, index=index)
+    for path_name, options in config.layer_paths(plan.name, plan.layer):
+        path = get_path(path_name)
+        plan.steps.append([path, options, path.check(plan.layer, **options)])
 
 
 def inject(model: nn.Module, config) -> nn.Module:
@@ -141,14 +147,13 @@ def inject(model: nn.Module, config) -> nn.Module:
     """
     if hasattr(config, "inject"):
         return config.inject(model)
-    if type(config) not in _LAYER_CLASS:
-        raise TypeError(f"config must be LoRAConfig, IA3Config, BitFitConfig or SparseConfig, got {type(config).__name__}")
+    if not isinstance(config, _CONFIGS):
+        raise TypeError("config must be LoRAConfig, IA3Config, BitFitConfig or SparseConfig, got "
+                        f"{type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = target_names(model, config.target_modules)
-    all_biases = (isinstance(config, BitFitConfig) and config.target_modules is None) or (
-        isinstance(config, LoRAConfig) and config.bias == "all")
-    if not names and not all_biases:
+    if not names and not config.trains_all_biases:
         raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
 
     # 1. check every target; nothing in the model changes and nothing is drawn
@@ -158,8 +163,7 @@ def inject(model: nn.Module, config) -> nn.Module:
         if isinstance(module, PEFTLinear):
             plan = _Plan(name, module)
         else:
-            _check_replaceable(name, module)
-            plan = _Plan(name, _LAYER_CLASS[type(config)](module.weight, module.bias, backend=config.backend), module)
+            plan = _Plan(name, replacement(name, module, config.path, config.backend), module)
         try:
             _check(plan, config)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -167,56 +171,33 @@ def inject(model: nn.Module, config) -> nn.Module:
                 raise
             raise type(exc)(f"layer {name!r}: {exc}") from None
         plans.append(plan)
-    if config.target_modules is not None and isinstance(config, _CHANGES_WEIGHT):
+    if config.target_modules is not None and get_path(config.path).changes_weight:
         tied = tied_layers(model)
         for name in (n for n in names if n in tied):
             warnings.warn(f"{name!r} is a target but its weight is tied to {tied[name]!r} (tie_word_embeddings): "
                           "training works, but fastpeft.merge will refuse it, since merging would rewrite "
                           f"{tied[name]!r} too; untie it first (a copy of the weight) to merge", stacklevel=2)
     # 2. build what is random (LoRA's init), still off the model
-    if isinstance(config, LoRAConfig):
-        for plan in plans:
-            plan.parts = plan.layer._lora_parts(config.r, config.alpha, config.dropout, config.use_rslora)
-    # 3. assign
+    for plan in plans:
+        for step in plan.steps:
+            if step[2] is None:
+                step[2] = step[0].parts(plan.layer, **step[1])
+    # 3. assign (nothing here can fail)
     freeze_all_but_adapters(model)
     for plan in plans:
-        plan.layer._assign(plan.parts)
-        if plan.train_bias:
-            plan.layer.train_bias()
+        for path, _, parts in plan.steps:
+            path.assign(plan.layer, parts)
         if plan.replaces is not None:
-            plan.layer.weight.requires_grad_(False)
-            adapter = adapter_of(plan.replaces)
-            if adapter is not None:
-                attach_adapter(plan.layer, adapter)
-            _set_submodule(model, plan.name, plan.layer)
-    if all_biases:
+            swap_in(model, plan.name, plan.layer, plan.replaces)
+    if config.trains_all_biases:
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
-                _train(p)
+                train_in_place(p)
     for name, module in model.named_modules():
         if name and config.modules_to_save and matches(name, config.modules_to_save):
             for p in module.parameters():
-                _train(p)
+                train_in_place(p)
     return model
-
-
-def _train(param: nn.Parameter) -> None:
-    if not param.requires_grad:
-        remember_pretrained(param)
-    param.requires_grad_(True)
-
-
-def freeze_all_but_adapters(model: nn.Module) -> None:
-    """Freeze every parameter except the trainable ones of fastpeft modules injected earlier.
-
-    fastpeft modules are recognised by their ``PARAM_CATEGORIES`` table, so methods stack: LoRA
-    injected after adapters (or the reverse) leaves the earlier method trainable.
-    """
-    keep = {id(p) for layer in model.modules() if hasattr(layer, "PARAM_CATEGORIES")
-            for p in layer.parameters(recurse=False) if p.requires_grad}
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- merge
@@ -228,8 +209,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     todo = [(name, m) for name, m in model.named_modules() if isinstance(m, PEFTLinear) and not m.merged]
     tied = tied_layers(model)
-    refused = [f"{name!r} (tied to {tied[name]!r})" for name, m in todo if name in tied
-               and any(t is not None for t in (m.lora_A, m.ia3_in, m.ia3_out, m.sparse_value))]
+    refused = [f"{name!r} (tied to {tied[name]!r})" for name, m in todo if name in tied and weight_paths(m)]
     if refused:
         raise ValueError(f"cannot merge {', '.join(refused)}: the weight is shared, so merging would rewrite the other "
                          "module too (tie_word_embeddings). Keep the model unmerged (it computes the same outputs), "

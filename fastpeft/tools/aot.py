@@ -82,7 +82,7 @@ def _compile_one(index: int, cc: int, coverage: str = "full") -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastpeft.kernels import _config
+    from fastpeft.kernels import config as _config
 
     v = variants(coverage)[index]
     start = time.perf_counter()

@@ -27,19 +27,25 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from fastpeft.tools.selfcheck import tolerance
+from fastpeft.core.backends import available_backends, resolve, unavailable_reason
+from fastpeft.core.ops import peft_linear
+from fastpeft.paths import CATEGORIES, DISPLAY_ORDER, CaseSettings, Path, bench_cases
+from fastpeft.reference import peft_linear as reference_peft_linear
+from fastpeft.tools.equivalence import rel_err, tolerance
+from fastpeft.tools.machine import default_device, load_average, machine_info, versions
+from fastpeft.tools.model_bench import format_model_table, run_model_bench
+from fastpeft.tools.profiling import profile_memory
 
 __all__ = ["SHAPES", "PRESETS", "METHODS", "add_arguments", "run", "run_bench", "machine_info",
            "format_table", "write_plot", "make_case", "LayerCase", "default_backends"]
@@ -86,11 +92,10 @@ PRESETS = {
                     "every shape at M=2048 tokens (a GPU-sized run)"),
 }
 
-METHODS = ("base", "lora", "lora_dropout", "ia3_in", "ia3_out", "bitfit", "sparse", "combined")
-METHOD_LABELS = {
-    "base": "frozen base", "lora": "LoRA", "lora_dropout": "LoRA+dropout", "ia3_in": "IA3 in",
-    "ia3_out": "IA3 out", "bitfit": "BitFit", "sparse": "sparse", "combined": "combined",
-}
+_CASES = bench_cases()  # {case: its path}: every path alone, its cases in DISPLAY_ORDER
+METHODS = ("base", *_CASES, "combined")
+METHOD_LABELS = {"base": "frozen base", **{case: p.bench_cases[case] for case, p in _CASES.items()},
+                 "combined": "combined"}
 # Pseudo-backends: the plain frozen nn.Linear every ratio is relative to, and peft's layers.
 TORCH, PEFT = "torch", "peft"
 
@@ -103,29 +108,26 @@ _CATEGORIES = ("weight", "bias", "adapter", "prompt", "scaling", "sparse")
 
 class _FusedLayer(nn.Module):
     """One frozen linear layer with the paths of one method, computed by ``fastpeft.peft_linear``
-    on a chosen backend.  Parameter names are the op's argument names (as in fastpeft's modules)."""
+    on a chosen backend.  Its tensors are attributes named after the op's arguments (as in
+    fastpeft's modules): trainable ones Parameters, the sparse index a buffer."""
 
-    PARAM_CATEGORIES = {"weight": "weight", "bias": "bias", "lora_A": "adapter", "lora_B": "adapter",
-                        "ia3_in": "scaling", "ia3_out": "scaling", "sparse_value": "sparse"}
+    PARAM_CATEGORIES = {"weight": "weight", "bias": "bias", **CATEGORIES}
 
-    def __init__(self, weight, bias, backend, lora_A=None, lora_B=None, lora_scale=1.0, lora_dropout=0.0,
-                 ia3_in=None, ia3_out=None, sparse_index=None, sparse_value=None):
+    def __init__(self, weight, bias, backend, args: dict):
         super().__init__()
         self.weight, self.bias = weight, bias
-        self.lora_A, self.lora_B, self.ia3_in, self.ia3_out = lora_A, lora_B, ia3_in, ia3_out
-        self.sparse_value = sparse_value
-        self.register_buffer("sparse_index", sparse_index)
-        self.lora_scale, self.lora_dropout, self.backend = lora_scale, lora_dropout, backend
+        for name, value in args.items():
+            if isinstance(value, nn.Parameter):
+                setattr(self, name, value)
+            elif isinstance(value, torch.Tensor):
+                self.register_buffer(name, value)
+        self.args = dict(args)  # the same tensor objects: the call reads them without attribute lookups
+        self.backend = backend
         self.dropout_seed = None  # None: a fresh mask per call, as in training
 
     def forward(self, x):
-        from fastpeft.core import ops
-
-        return ops.peft_linear(x, self.weight, self.bias, lora_A=self.lora_A, lora_B=self.lora_B,
-                               lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-                               dropout_seed=self.dropout_seed, ia3_in=self.ia3_in, ia3_out=self.ia3_out,
-                               sparse_index=self.sparse_index, sparse_value=self.sparse_value,
-                               backend=self.backend)
+        return peft_linear(x, self.weight, self.bias, dropout_seed=self.dropout_seed, backend=self.backend,
+                           **self.args)
 
 
 class _OneLayer(nn.Module):
@@ -152,50 +154,33 @@ class _Case:
     fwd_bwd: list = field(default_factory=list)
 
 
-@dataclass
-class _Adapters:
-    """Random adapter values of one shape, shared by every backend and by peft."""
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    ia3_in: torch.Tensor
-    ia3_out: torch.Tensor
-    bias: torch.Tensor
-    sparse_index: torch.Tensor
-    sparse_value: torch.Tensor
-
-
 def _param(t: torch.Tensor, trainable: bool = True) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=trainable)
 
 
-def _method_kwargs(method: str, ad: _Adapters, r: int, alpha: float, dropout: float) -> dict:
-    """Arguments of peft_linear (fresh trainable Parameters) for one method."""
-    lora = lambda p: dict(lora_A=_param(ad.lora_A), lora_B=_param(ad.lora_B), lora_scale=alpha / r,  # noqa: E731
-                          lora_dropout=p)
-    sparse = lambda: dict(sparse_index=ad.sparse_index, sparse_value=_param(ad.sparse_value))  # noqa: E731
-    if method == "base":
-        return {}
-    if method == "lora":
-        return lora(0.0)
-    if method == "lora_dropout":
-        return lora(dropout)
-    if method == "ia3_in":
-        return dict(ia3_in=_param(ad.ia3_in))
-    if method == "ia3_out":
-        return dict(ia3_out=_param(ad.ia3_out))
-    if method == "bitfit":
-        return dict(bias=_param(ad.bias))
-    if method == "sparse":
-        return sparse()
-    if method == "combined":
-        return dict(**lora(dropout), ia3_out=_param(ad.ia3_out), bias=_param(ad.bias), **sparse())
-    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+def _case_values(weight: torch.Tensor, settings: CaseSettings, gen: torch.Generator) -> dict:
+    """{case: op keywords with random values} for every path case of one shape, shared by every
+    backend and by peft; "combined" joins each path's ``combined_case``."""
+    values = {case: path.random_args(case, weight, settings, gen) for case, path in _CASES.items()}
+    values["base"] = {}
+    values["combined"] = {k: v for p in DISPLAY_ORDER if p.combined_case for k, v in values[p.combined_case].items()}
+    return values
 
 
-def _fused_case(method, backend, weight, frozen_bias, ad, r, alpha, dropout) -> _Case:
-    kw = _method_kwargs(method, ad, r, alpha, dropout)
+def _method_kwargs(method: str, values: dict) -> dict:
+    """Arguments of peft_linear for one method: fresh trainable Parameters for the paths' parameters."""
+    if method not in values:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    return {k: _param(v) if isinstance(v, torch.Tensor) and k in _TRAINED else v for k, v in values[method].items()}
+
+
+_TRAINED = set(CATEGORIES) | {"bias"}  # op arguments that train (the sparse index does not)
+
+
+def _fused_case(method, backend, weight, frozen_bias, values) -> _Case:
+    kw = _method_kwargs(method, values)
     bias = kw.pop("bias", frozen_bias)
-    layer = _FusedLayer(weight, bias, backend, **kw)
+    layer = _FusedLayer(weight, bias, backend, kw)
     grads = {name: p for name, p in layer.named_parameters() if p.requires_grad}
 
     def set_seed(seed):
@@ -204,95 +189,50 @@ def _fused_case(method, backend, weight, frozen_bias, ad, r, alpha, dropout) -> 
     return _Case(method, backend, layer, grads, set_seed)
 
 
-def _torch_case(method, weight, frozen_bias, ad) -> _Case:
-    """Plain nn.Linear: frozen (the baseline of every ratio) or with a trainable bias (BitFit)."""
+def _torch_case(method, weight, frozen_bias, values) -> Optional[_Case]:
+    """Plain nn.Linear, for the methods it can compute: frozen (the baseline of every ratio) or with a
+    trainable bias (BitFit); None for the others."""
+    args = values.get(method, {})
+    if set(args) - {"bias"}:
+        return None
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device=weight.device, dtype=weight.dtype)
     lin.weight = weight
-    lin.bias = _param(ad.bias) if method == "bitfit" else frozen_bias
-    grads = {"bias": lin.bias} if method == "bitfit" else {}
+    lin.bias = _param(args["bias"]) if "bias" in args else frozen_bias
+    grads = {"bias": lin.bias} if "bias" in args else {}
     return _Case(method, TORCH, lin, grads)
 
 
-_PEFT_METHODS = ("lora", "lora_dropout", "ia3_in", "ia3_out", "sparse")
-
-
-def _peft_case(method, weight, frozen_bias, ad, r, alpha, dropout) -> Optional[_Case]:
+def _peft_case(method, weight, frozen_bias, values, settings: CaseSettings) -> Optional[_Case]:
     """peft's layer for the method (None when peft has no such layer or is not installed)."""
-    if method not in _PEFT_METHODS:
+    path = _CASES.get(method)
+    if path is None or not _peft_available():
         return None
-    try:
-        import peft
-    except ImportError:
+    import peft
+
+    def wrap(config):
+        n, k = weight.shape
+        lin = nn.Linear(k, n, bias=True, device=weight.device, dtype=weight.dtype)
+        lin.weight, lin.bias = weight, frozen_bias
+        return peft.get_peft_model(_OneLayer(lin), config).base_model.model.lin
+
+    twin = path.peft_twin(method, weight, values[method], settings, wrap, "lin")
+    if twin is None:
         return None
-    n, k = weight.shape
-    lin = nn.Linear(k, n, bias=True, device=weight.device, dtype=weight.dtype)
-    lin.weight, lin.bias = weight, frozen_bias
-    if method in ("lora", "lora_dropout"):
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout if method == "lora_dropout" else 0.0,
-                              target_modules=["lin"])
-    elif method in ("ia3_in", "ia3_out"):
-        cfg = peft.IA3Config(target_modules=["lin"], feedforward_modules=["lin"] if method == "ia3_in" else [])
-    else:
-        if not hasattr(peft, "ShiraConfig"):
-            return None
-        # SHiRA's r sets nnz = r (K + N); ours is then swapped in so both train the same entries.
-        cfg = peft.ShiraConfig(r=max(1, ad.sparse_index.numel() // (k + n)), target_modules=["lin"])
-    model = peft.get_peft_model(_OneLayer(lin), cfg)
-    layer = model.base_model.model.lin
-    dev = weight.device
-    with torch.no_grad():
-        if method.startswith("lora"):
-            layer.lora_A["default"].weight.copy_(ad.lora_A)
-            layer.lora_B["default"].weight.copy_(ad.lora_B)
-            grads = {"lora_A": layer.lora_A["default"].weight, "lora_B": layer.lora_B["default"].weight}
-        elif method == "ia3_in":
-            layer.ia3_l["default"].copy_(ad.ia3_in.view(1, k))
-            grads = {"ia3_in": layer.ia3_l["default"]}
-        elif method == "ia3_out":
-            layer.ia3_l["default"].copy_(ad.ia3_out.view(n, 1))
-            grads = {"ia3_out": layer.ia3_l["default"]}
-        else:
-            rows = torch.div(ad.sparse_index, k, rounding_mode="floor")
-            layer.shira_indices["default"] = torch.stack([rows, ad.sparse_index - rows * k]).to(dev)
-            layer.shira_weight["default"] = _param(ad.sparse_value)
-            layer.scaling["default"] = 1.0
-            grads = {"sparse_value": layer.shira_weight["default"]}
-    return _Case(method, PEFT, layer, grads, comparable=(method != "lora_dropout"))
+    layer, grads, comparable = twin
+    return _Case(method, PEFT, layer, grads, comparable=comparable)
 
 
-def _adapters(weight: torch.Tensor, r: int, density: float, gen: torch.Generator,
-              block: Optional[int] = None) -> _Adapters:
-    n, k = weight.shape
-    dev = weight.device
-    adt = torch.float64 if weight.dtype == torch.float64 else torch.float32  # peft keeps adapters in fp32
-
-    def rnd(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=gen) * scale + shift).to(device=dev, dtype=adt)
-
-    nnz = max(1, math.ceil(density * n * k))
-    try:
-        from fastpeft.methods.sparse_select import select_sparse_indices
-
-        index = select_sparse_indices(weight, density, selection="magnitude", block=block)
-    except ImportError:  # selection not in this build: random entries, sorted and unique
-        index = torch.randperm(n * k, generator=gen)[:nnz].sort().values.to(dev)
-    return _Adapters(lora_A=rnd(r, k, scale=1 / math.sqrt(k)), lora_B=rnd(n, r, scale=1 / math.sqrt(r)),
-                     ia3_in=rnd(k, scale=0.1, shift=1.0), ia3_out=rnd(n, scale=0.1, shift=1.0),
-                     bias=rnd(n, scale=0.1), sparse_index=index,
-                     sparse_value=rnd(index.numel(), scale=0.02))
-
-
-def _shape_data(k, n, m, r, density, block, dtype, device, seed):
-    """The frozen weight and bias, adapter values, x [m, k] (requires grad) and dy [m, n] of one shape."""
+def _shape_data(k, n, m, settings: CaseSettings, dtype, device, seed):
+    """The frozen weight and bias, case values, x [m, k] (requires grad) and dy [m, n] of one shape."""
     gen = torch.Generator().manual_seed(seed)
     weight = nn.Parameter((torch.randn(n, k, generator=gen) / math.sqrt(k)).to(device=device, dtype=dtype),
                           requires_grad=False)
     frozen_bias = nn.Parameter((torch.randn(n, generator=gen) * 0.1).to(device=device, dtype=dtype),
                                requires_grad=False)
-    ad = _adapters(weight, r, density, gen, block)
+    values = _case_values(weight, settings, gen)
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
     gy = torch.randn(m, n, generator=gen).to(device=device, dtype=dtype)
-    return weight, frozen_bias, ad, x, gy
+    return weight, frozen_bias, values, x, gy
 
 
 @dataclass
@@ -321,14 +261,17 @@ def make_case(method: str, backend: str, k: int, n: int, *, tokens: int, r: int 
     """Build the layer the bench measures for ``method`` on ``backend`` (a fastpeft backend,
     "torch" for plain nn.Linear (methods base and bitfit), or "peft"), with random x [tokens, k] and
     output gradient.  Returns None when that backend has no layer for the method."""
-    weight, frozen_bias, ad, x, gy = _shape_data(k, n, tokens, r, density, block, dtype, torch.device(device), seed)
     alpha = float(2 * r if alpha is None else alpha)
+    settings = CaseSettings(r=r, alpha=alpha, dropout=dropout, density=density, block=block)
+    weight, frozen_bias, values, x, gy = _shape_data(k, n, tokens, settings, dtype, torch.device(device), seed)
+    if method not in values:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if backend == TORCH:
-        case = _torch_case(method, weight, frozen_bias, ad) if method in ("base", "bitfit") else None
+        case = _torch_case(method, weight, frozen_bias, values)
     elif backend == PEFT:
-        case = _peft_case(method, weight, frozen_bias, ad, r, alpha, dropout)
+        case = _peft_case(method, weight, frozen_bias, values, settings)
     else:
-        case = _fused_case(method, backend, weight, frozen_bias, ad, r, alpha, dropout)
+        case = _fused_case(method, backend, weight, frozen_bias, values)
     if case is None:
         return None
     return LayerCase(method, backend, case.module, x, gy, case)
@@ -368,12 +311,6 @@ def _time(fn: Callable[[], None], number: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / number
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref_norm = ref.double().norm().item()
-    diff = (out.double() - ref.double()).norm().item()
-    return diff / ref_norm if ref_norm > 0 else diff
-
-
 def _check_outputs(case: _Case, x: torch.Tensor, gy: torch.Tensor, seed: int) -> dict:
     _clear_grads(case, x)
     if case.set_seed is not None:
@@ -391,24 +328,16 @@ def _check_outputs(case: _Case, x: torch.Tensor, gy: torch.Tensor, seed: int) ->
 
 def _reference(case: _Case, x: torch.Tensor, gy: torch.Tensor, seed: int) -> dict:
     """Output and every gradient of the case's math, in float64, with fastpeft.reference."""
-    from fastpeft import reference
-
     layer = case.module
-    leaves = {}
 
-    def d(name):
-        t = getattr(layer, name)
-        if t is None:
-            return None
-        leaf = t.detach().double().requires_grad_(t.requires_grad)
-        leaves[name] = leaf
-        return leaf
+    def leaf(t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t  # scalars and the sparse index
+        return t.detach().double().requires_grad_(t.requires_grad)
 
+    leaves = {name: leaf(t) for name, t in (("weight", layer.weight), ("bias", layer.bias), *layer.args.items())}
     x64 = x.detach().double().requires_grad_(True)
-    y = reference.peft_linear(x64, d("weight"), d("bias"), lora_A=d("lora_A"), lora_B=d("lora_B"),
-                              lora_scale=layer.lora_scale, lora_dropout=layer.lora_dropout, dropout_seed=seed,
-                              ia3_in=d("ia3_in"), ia3_out=d("ia3_out"), sparse_index=layer.sparse_index,
-                              sparse_value=d("sparse_value"))
+    y = reference_peft_linear(x64, dropout_seed=seed, **leaves)
     y.backward(gy.double())
     out = {"y": y.detach(), "x": x64.grad}
     for name in case.grads:
@@ -418,8 +347,8 @@ def _reference(case: _Case, x: torch.Tensor, gy: torch.Tensor, seed: int) -> dic
 
 def _trainable(module: nn.Module) -> dict:
     """Trainable parameters by count_parameters' categories (PARAM_CATEGORIES of each module
-    class, else: names ending in "bias" are biases, peft's lora_*/ia3_*/shira_* adapters by kind,
-    anything else a weight)."""
+    class, else: names ending in "bias" are biases, peft's adapters by the path whose ``peft_names``
+    they hold (lora_*, ia3_*, shira_*), anything else a weight)."""
     counts = dict.fromkeys(_CATEGORIES, 0)
     for mod_name, mod in module.named_modules():
         cats = getattr(type(mod), "PARAM_CATEGORIES", {})
@@ -427,14 +356,11 @@ def _trainable(module: nn.Module) -> dict:
             if not p.requires_grad:
                 continue
             full = f"{mod_name}.{name}" if mod_name else name
+            peft_path = next((q for q in DISPLAY_ORDER if any(s in full for s in q.peft_names)), None)
             if name in cats:
                 cat = cats[name]
-            elif "lora_" in full:
-                cat = "adapter"
-            elif "ia3_" in full:
-                cat = "scaling"
-            elif "shira_" in full:
-                cat = "sparse"
+            elif peft_path is not None:
+                cat = peft_path.category
             elif name.endswith("bias"):
                 cat = "bias"
             else:
@@ -478,19 +404,19 @@ class _Progress:
 def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backends, use_peft: bool,
                  dtype: torch.dtype, device: torch.device, repeat: int, warmup: int, min_sample_s: float,
                  density: float, dropout: float, seed: int, progress: _Progress) -> list[dict]:
-    from fastpeft.tools.profiling import profile_memory
-
     n, k = shape.n, shape.k
-    weight, frozen_bias, ad, x, gy = _shape_data(k, n, m, r, density, None, dtype, device, seed)
+    settings = CaseSettings(r=r, alpha=alpha, dropout=dropout, density=density)
+    weight, frozen_bias, values, x, gy = _shape_data(k, n, m, settings, dtype, device, seed)
 
-    cases = [_torch_case("base", weight, frozen_bias, ad)]
+    cases = [_torch_case("base", weight, frozen_bias, values)]
     for method in methods:
-        if method == "bitfit":
-            cases.append(_torch_case("bitfit", weight, frozen_bias, ad))
+        torch_case = _torch_case(method, weight, frozen_bias, values) if method != "base" else None
+        if torch_case is not None:
+            cases.append(torch_case)
         for backend in backends:
-            cases.append(_fused_case(method, backend, weight, frozen_bias, ad, r, alpha, dropout))
+            cases.append(_fused_case(method, backend, weight, frozen_bias, values))
         if use_peft:
-            case = _peft_case(method, weight, frozen_bias, ad, r, alpha, dropout)
+            case = _peft_case(method, weight, frozen_bias, values, settings)
             if case is not None:
                 cases.append(case)
     tag = f"{shape.key} M={m}"
@@ -502,7 +428,7 @@ def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backe
         for _ in range(warmup):
             _run_fwd(case, x)
             _run_fwd_bwd(case, x, gy)
-        t_case = _time(lambda: _run_fwd_bwd(case, x, gy), 1, device)
+        t_case = _time(lambda c=case: _run_fwd_bwd(c, x, gy), 1, device)
         numbers[id(case)] = max(1, min(1000, math.ceil(min_sample_s / max(t_case, 1e-7))))
         progress.step(f"{tag} warm-up {case.method}/{case.backend}")
 
@@ -514,8 +440,8 @@ def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backe
             shift = rep % len(cases)
             for case in cases[shift:] + cases[:shift]:
                 number = numbers[id(case)]
-                case.fwd.append(_time(lambda: _run_fwd(case, x), number, device))
-                case.fwd_bwd.append(_time(lambda: _run_fwd_bwd(case, x, gy), number, device))
+                case.fwd.append(_time(lambda c=case: _run_fwd(c, x), number, device))
+                case.fwd_bwd.append(_time(lambda c=case: _run_fwd_bwd(c, x, gy), number, device))
             progress.step(f"{tag} timing round {rep + 1}/{repeat}", len(cases))
     finally:
         if was_gc:
@@ -535,10 +461,9 @@ def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backe
                 refs[case.method] = _reference(ref_case, x, gy, check_seed) if ref_case is not None else None
             ref = refs[case.method]
             if ref is None:  # torch base without a fused case of the same method
-                ref = _reference(_fused_case(case.method, "reference", weight, frozen_bias, ad, r, alpha, dropout),
-                                 x, gy, check_seed)
+                ref = _reference(_fused_case(case.method, "reference", weight, frozen_bias, values), x, gy, check_seed)
                 refs[case.method] = ref
-            err = max(_rel_err(out[name], ref[name]) for name in out)
+            err = max(rel_err(out[name], ref[name]) for name in out)
         _clear_grads(case, x)
         mem = profile_memory(case.module, x)
         _clear_grads(case, x)
@@ -562,15 +487,15 @@ def _bench_shape(shape: LayerShape, m: int, r: int, alpha: float, methods, backe
         p = peft_rows.get(row["method"])
         row["ratio_vs_peft"] = row["fwd_bwd_ms"] / p["fwd_bwd_ms"] if p is not None else None
         row["ratio_vs_peft_fwd"] = row["fwd_ms"] / p["fwd_ms"] if p is not None else None
-    del cases, weight, x, gy, refs
-    gc.collect()
     return rows
 
 
 def _cases_per_shape(methods, backends, use_peft) -> int:
     peft_ok = use_peft and _peft_available()
-    return (1 + len(methods) * len(backends) + ("bitfit" in methods)
-            + (sum(m in _PEFT_METHODS for m in methods) if peft_ok else 0))
+    paths = [_CASES[m] for m in methods if m in _CASES]
+    on_torch = sum(set(p.tensors) <= {"bias"} for p in paths)  # plain nn.Linear computes them (BitFit)
+    on_peft = sum(type(p).peft_twin is not Path.peft_twin for p in paths) if peft_ok else 0
+    return 1 + len(methods) * len(backends) + on_torch + on_peft
 
 
 def _peft_available() -> bool:
@@ -586,7 +511,7 @@ def run_bench(*, shapes, tokens: int, r: int = 16, alpha: Optional[float] = None
               repeat: int = 5, warmup: int = 1, min_sample_ms: float = 10.0, density: float = 0.01,
               dropout: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
     """Run the layer bench and return ``{"machine", "versions", "settings", "rows"}`` (see module doc)."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     alpha = float(2 * r if alpha is None else alpha)
     backends = list(backends) if backends is not None else default_backends(device)
@@ -600,6 +525,7 @@ def run_bench(*, shapes, tokens: int, r: int = 16, alpha: Optional[float] = None
         for shape in shapes:
             rows += _bench_shape(shape, tokens, r, alpha, methods, backends, use_peft, dtype, device, repeat,
                                  warmup, min_sample_ms / 1e3, density, dropout, seed, bar)
+            gc.collect()  # the shape's layers and tensors, before the next shape is built
     finally:
         bar.close()
     settings = dict(tokens=tokens, r=r, alpha=alpha, lora_dropout=dropout, sparse_density=density, repeat=repeat,
@@ -617,64 +543,17 @@ def run_bench(*, shapes, tokens: int, r: int = 16, alpha: Optional[float] = None
     return dict(machine=machine, versions=versions(), settings=settings, rows=rows)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def default_backends(device: torch.device) -> list[str]:
     """fastpeft backends that run natively on ``device`` (triton on CPU is the interpreter: skipped)."""
-    from fastpeft.core.backends import _load, available_backends
-
     out = []
     for name in available_backends():
         if device.type == "cpu" and name == "triton":
             continue
-        if _load(name).device_error(device) is None:
-            out.append(name)
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> Optional[float]:
-    """The 1-minute load average (other work competing for the cores), where the OS reports it."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def machine_info(device: Optional[torch.device] = None) -> dict:
-    """The machine the numbers come from: CPU model, cores, torch threads, GPU if used."""
-    device = torch.device(device) if device is not None else _default_device()
-    info = dict(cpu=_cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                platform=platform.platform(), device=str(device), load_average=load_average())
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    compute_capability=f"{props.major}.{props.minor}")
-    return info
-
-
-def versions() -> dict:
-    out = dict(python=platform.python_version(), torch=torch.__version__)
-    for name in ("fastpeft", "peft", "transformers", "triton", "numpy"):
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "unknown")
-        except Exception:  # an optional package that is absent or broken
-            out[name] = None
-    if torch.version.cuda:
-        out["cuda"] = torch.version.cuda
+            resolve(name, device)
+        except (RuntimeError, TypeError):  # cannot run on this device
+            continue
+        out.append(name)
     return out
 
 
@@ -881,13 +760,11 @@ def _run(args) -> int:
             raise RuntimeError("--plot needs matplotlib, an optional extra: pip install 'fastpeft[plot]'") from exc
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else _default_device()
+    device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available to torch on this machine")
     dtype = _DTYPES[args.dtype] if args.dtype else None
     if args.backends is not None:
-        from fastpeft.core.backends import unavailable_reason
-
         for name in args.backends:
             reason = unavailable_reason(name)
             if reason is not None:
@@ -919,8 +796,6 @@ def _run(args) -> int:
     else:
         result = dict(machine=machine_info(device), versions=versions(), settings={}, rows=[])
     if args.model or args.model_only:
-        from fastpeft.tools.model_bench import format_model_table, run_model_bench
-
         model = run_model_bench(device=device, dtype=dtype, progress=not args.no_progress, seed=args.seed,
                                 batch=args.model_batch, seq=args.model_seq, steps=args.model_steps)
         result["model"] = model

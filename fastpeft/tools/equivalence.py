@@ -11,7 +11,8 @@ that keeps a lucky draw from making the bound zero, capped at 1e-2.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

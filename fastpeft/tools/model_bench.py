@@ -25,7 +25,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastpeft.tools.benchmark import load_average
+from fastpeft.core.backends import resolve
+from fastpeft.nn.accounting import count_parameters
+from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig
+from fastpeft.nn.inject import inject
+from fastpeft.tools.machine import load_average
+from fastpeft.tools.minilm import load_minilm
+from fastpeft.tools.profiling import profile_memory
 
 __all__ = ["MODEL_METHODS", "run_model_bench", "format_model_table"]
 
@@ -58,8 +64,6 @@ def _quiet_transformers() -> None:
 
 def _load(dtype):
     _quiet_transformers()
-    from fastpeft.tools.minilm import load_minilm
-
     return load_minilm(dtype=dtype)
 
 
@@ -79,21 +83,18 @@ class _Step(nn.Module):
 
 
 def _fastpeft_model(method, dtype, device, backend):
-    import fastpeft
-
     model, _ = _load(dtype)
     if method == "lora":
-        cfg = fastpeft.LoRAConfig(r=8, alpha=16, target_modules=_LORA_TARGETS, backend=backend)
+        cfg = LoRAConfig(r=8, alpha=16, target_modules=_LORA_TARGETS, backend=backend)
     elif method == "ia3":
-        cfg = fastpeft.IA3Config(target_modules=_IA3_TARGETS, feedforward_modules=_IA3_FF, backend=backend)
+        cfg = IA3Config(target_modules=_IA3_TARGETS, feedforward_modules=_IA3_FF, backend=backend)
     elif method == "bitfit":
-        cfg = fastpeft.BitFitConfig(backend=backend)
+        cfg = BitFitConfig(backend=backend)
     elif method == "sparse":
-        cfg = fastpeft.SparseConfig(density=0.01, selection="magnitude", target_modules=_SPARSE_TARGETS,
-                                    backend=backend)
+        cfg = SparseConfig(density=0.01, selection="magnitude", target_modules=_SPARSE_TARGETS, backend=backend)
     else:
         raise ValueError(method)
-    fastpeft.inject(model, cfg)
+    inject(model, cfg)
     return model.to(device)
 
 
@@ -158,9 +159,6 @@ def run_model_bench(*, device=None, dtype: Optional[torch.dtype] = None, methods
     ``losses`` and ``max_loss_rel_diff`` (fastpeft vs its peft/torch twin).  ``ok`` is False when
     a pair's losses differ by more than the tolerance.
     """
-    from fastpeft.core.backends import resolve
-    from fastpeft.tools.profiling import profile_memory
-
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -231,8 +229,6 @@ def run_model_bench(*, device=None, dtype: Optional[torch.dtype] = None, methods
         tick(f"memory {st['method']}/{st['impl']}")
         by_cat = None
         if st["impl"].startswith("fastpeft"):  # peft's layers carry no fastpeft categories
-            from fastpeft.nn.accounting import count_parameters
-
             by_cat = {k: v["trainable"] for k, v in count_parameters(st["step"].model).items()}
         rows.append(dict(method=st["method"], impl=st["impl"], dtype=str(dtype).replace("torch.", ""),
                          step_ms=1e3 * statistics.median(st["times"]), step_ms_samples=[1e3 * t for t in st["times"]],

@@ -7,38 +7,14 @@ shared by all backends.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
+from fastpeft.core.backends.base import Backend
+
 KNOWN = ("reference", "cpp", "triton")
-
-
-@dataclass
-class Backend:
-    """One implementation of the fused op.
-
-    forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-            lora_scale, p, seed, save_z) -> (y, xa, z)
-        x is [M, K] contiguous; y is [M, N] in x's dtype; xa is the [M, r] product
-        dropout(x) @ lora_A^T the backward needs for dB (empty [0] when there is no LoRA);
-        z is the [M, N] output before ia3_out (empty [0] unless save_z).
-    backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-             sparse_value, xa, z, lora_scale, p, seed, needs) -> 8 tensors or None
-        gradients for (x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_value), each in
-        its argument's dtype, None where ``needs`` (8 bools, same order) is False.
-    unavailable() -> None when usable on this machine, else the reason as a sentence.
-    device_error(device) -> None when tensors on ``device`` are supported, else the reason.
-    dtypes: the dtypes of x it computes in.
-    """
-
-    name: str
-    forward: Callable
-    backward: Callable
-    unavailable: Callable[[], Optional[str]]
-    device_error: Callable[[torch.device], Optional[str]]
-    dtypes: tuple = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 _REGISTRY: dict[str, Backend] = {}

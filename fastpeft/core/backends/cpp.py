@@ -3,7 +3,8 @@
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, -O3,
 -march=native, OpenMP) and cached in torch's extension directory, so later processes only load it.
 Every ``csrc/*.cpp`` goes into the one extension.  ``build()`` compiles and loads it ahead of time:
-``python -c "import fastpeft.core.backends.cpp as c; c.build()"`` after installing prebuilds it.  If there is no C++ compiler or the build fails,
+``python -c "import fastpeft.core.backends.cpp as c; c.build()"`` after installing prebuilds it.
+If there is no C++ compiler or the build fails,
 ``BACKEND.unavailable()`` says why, and "auto" falls back to the "reference" backend.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Optional
 
 import torch
 
-from fastpeft.core.backends import Backend
+from fastpeft.core import spec
+from fastpeft.core.backends.base import Backend
+from fastpeft.core.spec import Grads
 
 EXTENSION_NAME = "fastpeft_cpp"
 
@@ -144,30 +147,14 @@ def device_error(device: torch.device) -> Optional[str]:
     return None
 
 
-def forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-            lora_scale, p, seed, save_z):
-    y, xa, z = build().forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                               float(lora_scale), float(p), int(seed), bool(save_z))
-    return y, xa, z
+def forward(a, save_z):
+    return build().forward(*a, bool(save_z))
 
 
-def backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-             xa, z, lora_scale, p, seed, needs):
-    needs = [bool(n) for n in needs]
-    grads = build().backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index,
-                             sparse_value, xa, z, float(lora_scale), float(p), int(seed), needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
-def peft_linear(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value, lora_scale, p,
-                seed):
-    """The eager path of ``fastpeft.peft_linear`` on CPU: the same kernels as forward/backward above,
-    as one op whose autograd is in C++ (``fastpeft_cpp::peft_linear``), so a call costs no Python
-    custom-op dispatch.  x is [M, K] contiguous; returns y [M, N].  Saves what ``fastpeft.core.ops``
-    saves (x only if a gradient reads it, xa only if lora_B trains, z only if ia3_out trains).
-    """
-    return build().peft_linear(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-                               float(lora_scale), float(p), int(seed))
+def backward(grad_y, a, xa, z, needs):
+    t = spec.N_TENSORS
+    grads = build().backward(grad_y, *a[:t], xa, z, *a[t:], list(needs))
+    return Grads._make(g if need else None for g, need in zip(grads, needs))
 
 
 BACKEND = Backend(

@@ -10,8 +10,9 @@ import warnings
 
 import torch
 
+from fastpeft.core.backends.base import Backend
+from fastpeft.core.spec import Grads
 from fastpeft.reference import dropout_with_mask
-from fastpeft.core.backends import Backend
 
 # Gather-and-reduce in chunks so the SDDMM never holds more than this many M x nnz elements.
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
@@ -68,65 +69,77 @@ def sddmm(g: torch.Tensor, h: torch.Tensor, sparse_index: torch.Tensor, k: int) 
     return out
 
 
-def forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-            lora_scale, p, seed, save_z):
-    dt = x.dtype
-    n, k = weight.shape
-    h = x * ia3_in.to(dt) if ia3_in is not None else x
-    z = torch.nn.functional.linear(h, weight, bias.to(dt) if bias is not None else None)
-    if sparse_index is not None:
-        z = z + sparse_matmul(h, sparse_index, sparse_value, n, k)
-    z_saved = z if save_z else _empty(x)
-    y = z * ia3_out.to(dt) if ia3_out is not None else z
-    if lora_A is not None:
-        xa = dropout_with_mask(x, p, seed) @ lora_A.to(dt).t()
-        if lora_scale != 0.0:
-            y = torch.addmm(y, xa, lora_B.to(dt).t(), alpha=lora_scale)
+def forward(a, save_z):
+    dt = a.x.dtype
+    n, k = a.weight.shape
+    scaled = a.dora_scale is not None  # DoRA: y = c * u + bias, the bias after the scale
+    h = a.x * a.ia3_in.to(dt) if a.ia3_in is not None else a.x
+    z = torch.nn.functional.linear(h, a.weight, a.bias.to(dt) if a.bias is not None and not scaled else None)
+    if a.sparse_index is not None:
+        z = z + sparse_matmul(h, a.sparse_index, a.sparse_value, n, k)
+    z_saved = z if save_z and not scaled else _empty(a.x)
+    y = z * a.ia3_out.to(dt) if a.ia3_out is not None else z
+    if a.lora_A is not None:
+        xa = dropout_with_mask(a.x, a.p, a.seed) @ a.lora_A.to(dt).t()
+        if a.lora_scale != 0.0:
+            y = torch.addmm(y, xa, a.lora_B.to(dt).t(), alpha=a.lora_scale)
         else:  # BLAS skips the product when alpha = 0, which would hide a NaN in it (0 * NaN is NaN)
-            y = y + 0.0 * (xa @ lora_B.to(dt).t())
+            y = y + 0.0 * (xa @ a.lora_B.to(dt).t())
     else:
-        xa = _empty(x)
-    if y is x or y is z_saved:  # custom ops may not return aliases of inputs or of each other
+        xa = _empty(a.x)
+    if scaled:
+        c = a.dora_scale.to(dt)
+        if save_z:  # u, the output before the scale: d dora_scale reads it
+            z_saved = y if y is not a.x else y.clone()
+        y = torch.addcmul(a.bias.to(dt), y, c) if a.bias is not None else y * c
+    if y is a.x or y is z_saved:  # custom ops may not return aliases of inputs or of each other
         y = y.clone()
     return y, xa, z_saved
 
 
-def backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-             xa, z, lora_scale, p, seed, needs):
-    need_x, need_w, need_b, need_a, need_bb, need_in, need_out, need_val = needs
-    dt = grad_y.dtype  # x's dtype; x itself is None when only dX is needed (ops.py does not save it)
-    n, k = weight.shape
-    gx = gw = gb = ga = gbb = gin = gout = gval = None
-    gz = grad_y * ia3_out.to(dt) if ia3_out is not None else grad_y
-    if need_out:
-        gout = (_wide(grad_y) * _wide(z)).sum(0).to(ia3_out.dtype)
-    if need_b:
-        gb = _wide(gz).sum(0).to(bias.dtype)
-    h = x * ia3_in.to(dt) if ia3_in is not None and x is not None else x
-    if need_w:
-        gw = (gz.t() @ h).to(weight.dtype)
-    if need_val:
-        gval = sddmm(gz, h, sparse_index, k).to(sparse_value.dtype)
-    if need_x or need_in:
-        dh = gz @ weight
-        if sparse_index is not None:
-            dh = dh + sparse_matmul_t(gz, sparse_index, sparse_value, n, k)
-        if need_in:
-            gin = (_wide(dh) * _wide(x)).sum(0).to(ia3_in.dtype)
-        if need_x:
-            gx = dh * ia3_in.to(dt) if ia3_in is not None else dh
-    if lora_A is not None and (need_x or need_a or need_bb):
-        a, b = lora_A.to(dt), lora_B.to(dt)
-        if need_bb:
-            gbb = (lora_scale * (grad_y.t() @ xa)).to(lora_B.dtype)
-        if need_x or need_a:
-            gyb = grad_y @ b  # [M, r]: the rank-sized intermediate both gradients share
-            if need_a:
-                ga = (lora_scale * (gyb.t() @ dropout_with_mask(x, p, seed))).to(lora_A.dtype)
-            if need_x:
-                gx_lora = dropout_with_mask(gyb @ a, p, seed)
-                gx = torch.add(gx, gx_lora, alpha=lora_scale) if gx is not None else lora_scale * gx_lora
-    return gx, gw, gb, ga, gbb, gin, gout, gval
+def backward(grad_y, a, xa, z, needs):
+    dt = grad_y.dtype  # x's dtype; a.x itself is None when only dX is needed (ops.py does not save it)
+    n, k = a.weight.shape
+    gx = gw = gb = ga = gbb = gin = gout = gval = gc = None  # in GRAD_NAMES order (spec.Grads)
+    if a.dora_scale is not None:
+        # y = c * u + bias: dc = sum gy * u, d bias = sum gy, and everything before the scale reads c * gy.
+        if needs.dora_scale:
+            gc = (_wide(grad_y) * _wide(z)).sum(0).to(a.dora_scale.dtype)
+        if needs.bias:
+            gb = _wide(grad_y).sum(0).to(a.bias.dtype)
+        grad_y = grad_y * a.dora_scale.to(dt)
+        needs = needs._replace(bias=False)
+    gz = grad_y * a.ia3_out.to(dt) if a.ia3_out is not None else grad_y
+    if needs.ia3_out:
+        gout = (_wide(grad_y) * _wide(z)).sum(0).to(a.ia3_out.dtype)
+    if needs.bias:
+        gb = _wide(gz).sum(0).to(a.bias.dtype)
+    h = a.x * a.ia3_in.to(dt) if a.ia3_in is not None and a.x is not None else a.x
+    if needs.weight:
+        gw = (gz.t() @ h).to(a.weight.dtype)
+    if needs.sparse_value:
+        gval = sddmm(gz, h, a.sparse_index, k).to(a.sparse_value.dtype)
+    if needs.x or needs.ia3_in:
+        dh = gz @ a.weight
+        if a.sparse_index is not None:
+            dh = dh + sparse_matmul_t(gz, a.sparse_index, a.sparse_value, n, k)
+        if needs.ia3_in:
+            gin = (_wide(dh) * _wide(a.x)).sum(0).to(a.ia3_in.dtype)
+        if needs.x:
+            gx = dh * a.ia3_in.to(dt) if a.ia3_in is not None else dh
+    if a.lora_A is not None and (needs.x or needs.lora_A or needs.lora_B):
+        a_dt, b_dt = a.lora_A.to(dt), a.lora_B.to(dt)
+        if needs.lora_B:
+            gbb = (a.lora_scale * (grad_y.t() @ xa)).to(a.lora_B.dtype)
+        if needs.x or needs.lora_A:
+            gyb = grad_y @ b_dt  # [M, r]: the rank-sized intermediate both gradients share
+            if needs.lora_A:
+                ga = (a.lora_scale * (gyb.t() @ dropout_with_mask(a.x, a.p, a.seed))).to(a.lora_A.dtype)
+            if needs.x:
+                gx_lora = dropout_with_mask(gyb @ a_dt, a.p, a.seed)
+                gx = torch.add(gx, gx_lora, alpha=a.lora_scale) if gx is not None else a.lora_scale * gx_lora
+    return Grads(x=gx, weight=gw, bias=gb, lora_A=ga, lora_B=gbb, ia3_in=gin, ia3_out=gout, sparse_value=gval,
+                 dora_scale=gc)
 
 
 BACKEND = Backend(

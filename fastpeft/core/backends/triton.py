@@ -21,11 +21,12 @@ from typing import Optional
 
 import torch
 
-from fastpeft.kernels import _config
+from fastpeft.core.backends.base import Backend
+from fastpeft.core.spec import Grads
+from fastpeft.kernels import config as _config
+from fastpeft.kernels.dropout import mask_args
 from fastpeft.kernels.fused_linear import bias_scale_grad, fused_matmul, matmul_tn
 from fastpeft.kernels.sparse import csc, csr, sddmm
-from fastpeft.kernels.dropout import mask_args
-from fastpeft.core.backends import Backend
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -63,70 +64,79 @@ def _vec(t):
     return t.contiguous() if t is not None else None
 
 
-def forward(x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-            lora_scale, p, seed, save_z):
-    m, k = x.shape
-    n = weight.shape[0]
-    y = x.new_empty(m, n)
-    z = x.new_empty(m, n) if save_z else x.new_empty(0)
-    xa = x.new_empty(m, lora_A.shape[0]) if lora_A is not None else x.new_empty(0)
+def forward(a, save_z):
+    m, k = a.x.shape
+    n = a.weight.shape[0]
+    y = a.x.new_empty(m, n)
+    z = a.x.new_empty(m, n) if save_z else a.x.new_empty(0)
+    xa = a.x.new_empty(m, a.lora_A.shape[0]) if a.lora_A is not None else a.x.new_empty(0)
     if m == 0:
         return y, xa, z
     if n == 0:  # no outputs: nothing reads xa but dB, which is empty too
         return y, xa.zero_(), z
     lora = None
-    if lora_A is not None:
+    if a.lora_A is not None:
         # xa[m, j] = sum_k x~[m, k] A[j, k]: b[c, n] = A[n, c]
-        fused_matmul(x, lora_A, lora_A.stride(1), lora_A.stride(0), lora_A.shape[0], xa,
-                     dropout=_dropout(p, seed), dropout_on="a", skinny=True)
-        lora = (xa, lora_B, lora_B.stride(1), lora_B.stride(0), lora_scale)  # up[j, n] = B[n, j]
-    sparse = csr(sparse_index, _vec(sparse_value), n, k) if sparse_index is not None else None
-    fused_matmul(x, weight, weight.stride(1), weight.stride(0), n, y, pro=_vec(ia3_in), bias=_vec(bias),
-                 col=_vec(ia3_out), z=z if save_z else None, sparse=sparse, lora=lora)
+        fused_matmul(a.x, a.lora_A, a.lora_A.stride(1), a.lora_A.stride(0), a.lora_A.shape[0], xa,
+                     dropout=_dropout(a.p, a.seed), dropout_on="a", skinny=True)
+        lora = (xa, a.lora_B, a.lora_B.stride(1), a.lora_B.stride(0), a.lora_scale)  # up[j, n] = B[n, j]
+    sparse = csr(a.sparse_index, _vec(a.sparse_value), n, k) if a.sparse_index is not None else None
+    # With dora_scale c: y = c * u + bias in the epilogue after the LoRA add (z gets u).
+    fused_matmul(a.x, a.weight, a.weight.stride(1), a.weight.stride(0), n, y, pro=_vec(a.ia3_in),
+                 bias=_vec(a.bias), col=_vec(a.ia3_out), z=z if save_z else None, sparse=sparse, lora=lora,
+                 post=_vec(a.dora_scale))
     return y, xa, z
 
 
-def backward(grad_y, x, weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_index, sparse_value,
-             xa, z, lora_scale, p, seed, needs):
-    need_x, need_w, need_b, need_a, need_bb, need_in, need_out, need_val = needs
+def backward(grad_y, a, xa, z, needs):
     m, n = grad_y.shape
-    k = weight.shape[1]
+    k = a.weight.shape[1]
     gx = gw = gb = ga = gbb = gin = gout = gval = None
     if m == 0:  # empty batch: every parameter gradient is zero, dX is empty
-        zeros = [torch.zeros_like(t) if need and t is not None else None
-                 for t, need in zip((weight, bias, lora_A, lora_B, ia3_in, ia3_out, sparse_value), needs[1:])]
-        return (grad_y.new_empty(0, k) if need_x else None, *zeros)
-    ia3_in, ia3_out, bias = _vec(ia3_in), _vec(ia3_out), _vec(bias)
-    drop = _dropout(p, seed)
-    if need_b or need_out:
-        db, ds = bias_scale_grad(grad_y, z, ia3_out, need_b, need_out)
-        gb = db.to(bias.dtype) if need_b else None
-        gout = ds.to(ia3_out.dtype) if need_out else None
-    if need_w:
-        gw = matmul_tn(grad_y, x, weight.dtype, l_scale=ia3_out, r_scale=ia3_in)
-    if need_val:
-        gval = sddmm(grad_y, x, sparse_index, n, k, ia3_out, ia3_in).to(sparse_value.dtype)
+        return Grads._make(grad_y.new_empty(0, k) if name == "x" else torch.zeros_like(getattr(a, name))
+                           if need else None for name, need in zip(Grads._fields, needs))
+    a = a._replace(ia3_in=_vec(a.ia3_in), ia3_out=_vec(a.ia3_out), bias=_vec(a.bias))
+    drop = _dropout(a.p, a.seed)
+    gc = None
+    if a.dora_scale is not None:
+        # y = c * u + bias: dc = sum gy * u and d bias = sum gy in one reduction; the rest reads c * gy.
+        if needs.bias or needs.dora_scale:
+            db, dc = bias_scale_grad(grad_y, z, None, needs.bias, needs.dora_scale)
+            gb = db.to(a.bias.dtype) if needs.bias else None
+            gc = dc.to(a.dora_scale.dtype) if needs.dora_scale else None
+        grad_y = grad_y * a.dora_scale.to(grad_y.dtype)
+        needs = needs._replace(bias=False)
+    if needs.bias or needs.ia3_out:
+        db, ds = bias_scale_grad(grad_y, z, a.ia3_out, needs.bias, needs.ia3_out)
+        gb = db.to(a.bias.dtype) if needs.bias else None
+        gout = ds.to(a.ia3_out.dtype) if needs.ia3_out else None
+    if needs.weight:
+        gw = matmul_tn(grad_y, a.x, a.weight.dtype, l_scale=a.ia3_out, r_scale=a.ia3_in)
+    if needs.sparse_value:
+        gval = sddmm(grad_y, a.x, a.sparse_index, n, k, a.ia3_out, a.ia3_in).to(a.sparse_value.dtype)
     gyb = None
-    if lora_A is not None and (need_x or need_a):
-        r = lora_A.shape[0]
+    if a.lora_A is not None and (needs.x or needs.lora_A):
+        r = a.lora_A.shape[0]
         gyb = grad_y.new_empty(m, r)  # the rank-sized intermediate dA and dX share
-        fused_matmul(grad_y, lora_B, lora_B.stride(0), lora_B.stride(1), r, gyb, skinny=True)
-    if need_bb:
-        gbb = matmul_tn(grad_y, xa, lora_B.dtype, scale=lora_scale)
-    if need_a:
-        ga = matmul_tn(gyb, x, lora_A.dtype, scale=lora_scale, dropout=drop)
-    if need_x or need_in:
+        fused_matmul(grad_y, a.lora_B, a.lora_B.stride(0), a.lora_B.stride(1), r, gyb, skinny=True)
+    if needs.lora_B:
+        gbb = matmul_tn(grad_y, xa, a.lora_B.dtype, scale=a.lora_scale)
+    if needs.lora_A:
+        ga = matmul_tn(gyb, a.x, a.lora_A.dtype, scale=a.lora_scale, dropout=drop)
+    if needs.x or needs.ia3_in:
         dx = grad_y.new_empty(m, k)
-        with_lora = lora_A is not None and need_x
-        lora = (gyb, lora_A, lora_A.stride(0), lora_A.stride(1), lora_scale) if with_lora else None
-        sparse = csc(sparse_index, _vec(sparse_value), n, k) if sparse_index is not None else None
-        red = fused_matmul(grad_y, weight, weight.stride(0), weight.stride(1), k, dx, pro=ia3_out, col=ia3_in,
-                           sparse=sparse, lora=lora, reduce_src=x if need_in else None,
+        with_lora = a.lora_A is not None and needs.x
+        lora = (gyb, a.lora_A, a.lora_A.stride(0), a.lora_A.stride(1), a.lora_scale) if with_lora else None
+        sparse = csc(a.sparse_index, _vec(a.sparse_value), n, k) if a.sparse_index is not None else None
+        red = fused_matmul(grad_y, a.weight, a.weight.stride(0), a.weight.stride(1), k, dx, pro=a.ia3_out,
+                           col=a.ia3_in,
+                           sparse=sparse, lora=lora, reduce_src=a.x if needs.ia3_in else None,
                            dropout=drop if with_lora else None, dropout_on="lora")
-        if need_in:
-            gin = red.sum(0).to(ia3_in.dtype)
-        gx = dx if need_x else None
-    return gx, gw, gb, ga, gbb, gin, gout, gval
+        if needs.ia3_in:
+            gin = red.sum(0).to(a.ia3_in.dtype)
+        gx = dx if needs.x else None
+    return Grads(x=gx, weight=gw, bias=gb, lora_A=ga, lora_B=gbb, ia3_in=gin, ia3_out=gout, sparse_value=gval,
+                 dora_scale=gc)
 
 
 BACKEND = Backend(
