@@ -19,14 +19,10 @@ from fastpeft.methods.adapters import (
     reference_bottleneck_adapter,
 )
 from fastpeft.nn.accounting import count_parameters
+from fastpeft.tools.equivalence import rel_err
 
 CPU = torch.device("cpu")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _backend_or_skip(name):

@@ -18,20 +18,16 @@ from fastpeft import reference
 from fastpeft.core import spec
 from fastpeft.core.backends import unavailable_reason
 from fastpeft.mask import hash_offsets, keep_mask, keep_threshold
+from fastpeft.tools.equivalence import TOLERANCE, rel_err
 
 _REASON = unavailable_reason("cpp")
 if _REASON is not None:
     pytest.skip(f"the C++ extension is not available: {_REASON}", allow_module_level=True)
 
 ops = torch.ops.fastpeft_cpp
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOL = {dt: TOLERANCE[dt] for dt in (torch.float32, torch.bfloat16, torch.float16)}
 PATHS = ("lora", "drop", "ia3_in", "ia3_out", "bias", "sparse")
 GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "ia3_in", "ia3_out", "sparse_value")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(m, k, n, r, paths, dtype, adapter_dtype=None, x_shape=None, noncontig=False, density=0.15,

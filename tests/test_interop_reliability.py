@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
+from fastpeft.tools.equivalence import rel_err
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("safetensors")
@@ -55,10 +56,6 @@ def ia3_toy():
 
 def objective(out):
     return (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(3))).sum()
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def snapshot(model):

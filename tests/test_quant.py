@@ -17,18 +17,15 @@ import torch
 from fastpeft import quant
 from fastpeft.quant import QuantizedWeight, quantize_weight
 from fastpeft.quant import linear as qlinear
+from fastpeft.tools.equivalence import TOLERANCE, rel_err
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOL = {dt: TOLERANCE[dt] for dt in (torch.float32, torch.bfloat16, torch.float16)}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit patterns (so -0.0 != 0.0 and NaNs compare)."""
     return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def weight(n, k, dtype=torch.float32, seed=0, scale=0.05):

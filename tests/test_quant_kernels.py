@@ -17,6 +17,7 @@ import torch
 
 from fastpeft.kernels import config as _config
 from fastpeft.quant import quantize_weight
+from fastpeft.tools.equivalence import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _config.INTERPRET,
@@ -28,10 +29,6 @@ def _kq():
     from fastpeft.kernels import quant as kq
 
     return kq
-
-
-def rel_err(out, ref):
-    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
 def bits(t):

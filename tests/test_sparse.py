@@ -10,14 +10,10 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.methods.sparse_select import count_for_density, select_sparse_by_gradient, select_sparse_indices
 from fastpeft.reference import peft_linear as ref_peft_linear
+from fastpeft.tools.equivalence import rel_err
 
 BACKENDS = fastpeft.available_backends()
 SELECTIONS = ("random", "magnitude", "gradient")
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def check_index(idx, numel):
