@@ -1,4 +1,4 @@
-"""Small @triton.jit helpers shared by the kernels: the dot and the downcast.
+"""Small @triton.jit helpers shared by the kernels: the tile order, the dot and the downcast.
 
 Both exist because of two gaps in Triton 3.9's interpreter (``TRITON_INTERPRET=1``, how the
 kernels are tested without a GPU): it hands bf16 tiles to ``np.matmul`` as their uint16 bit
@@ -32,3 +32,15 @@ def round_to(v, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # (pid_m, pid_n) of program pid: GROUP_M row blocks share each column block of the right-hand
+    # operand while it is in L2 (the grouped ordering of the Triton matmul tutorial)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import config as _config
-from fastpeft.kernels._math import dot_acc, round_to
+from fastpeft.kernels._math import dot_acc, grouped_tile, round_to
 from fastpeft.kernels.dropout import keep_bits
 from fastpeft.kernels.sparse import sparse_rows_accumulate
 
@@ -44,15 +44,7 @@ def fused_matmul_kernel(
 ):
     # acc = (a * pro)[M, C] @ b[C, N] + sparse;  z = acc + bias;  y = z * col + lora_scale * lo @ up
     # POST_SCALE: u = acc * col + lora_scale * lo @ up (stored in z);  y = u * post + bias
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row blocks share each column block of b while it is in L2.
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import config as _config
-from fastpeft.kernels._math import dot_acc, round_to
+from fastpeft.kernels._math import dot_acc, grouped_tile, round_to
 
 INV_127 = 7.874015718698502e-3
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -64,14 +64,7 @@ def quant_matmul_kernel(
     # ALIGNED (nf4): WK % blocksize == 0 and blocksize % (BLOCK_C if TRANS_W else BLOCK_N) == 0, so a
     # tile's segment of each W row lies in one quantization block and starts on a byte: the tile
     # loads bytes (two codes each) and one absmax per W row.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

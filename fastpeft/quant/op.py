@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastpeft.core.backends.reference import wide
 from fastpeft.core.validation import check_peft_linear_args, check_scalars, check_tensor_types
 from fastpeft.mask import draw_seed
 from fastpeft.quant.linear import quant_linear, quant_linear_add_, quant_linear_grad_input
@@ -27,10 +28,6 @@ from fastpeft.quant.weight import QuantizedWeight
 from fastpeft.reference import dropout_with_mask
 
 _KERNEL_RANK = 64  # the C++ rank-r kernels' largest rank (csrc/lowrank.cpp kMaxKernelRank)
-
-
-def _wide(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def _cpp(x: Tensor, r: int):
@@ -91,9 +88,9 @@ class _QuantPeftLinear(torch.autograd.Function):
         gx = gb = ga = gbb = gin = gout = None
         gz = gy * ia3_out.to(dt) if ia3_out is not None else gy
         if need_out:
-            gout = (_wide(gy) * _wide(z)).sum(0).to(ia3_out.dtype)
+            gout = (wide(gy) * wide(z)).sum(0).to(ia3_out.dtype)
         if need_b:
-            gb = _wide(gz).sum(0).to(ctx.bias_dtype)
+            gb = wide(gz).sum(0).to(ctx.bias_dtype)
         lora_dx = None
         if lora_A is not None and (need_x or need_a or need_bb):
             ops = _cpp(gy, lora_A.shape[0])
@@ -115,7 +112,7 @@ class _QuantPeftLinear(torch.autograd.Function):
             else:
                 dh = quant_linear_grad_input(gz, qw)
             if need_in:
-                gin = (_wide(dh) * _wide(x)).sum(0).to(ia3_in.dtype)
+                gin = (wide(dh) * wide(x)).sum(0).to(ia3_in.dtype)
             if need_x:
                 gx = dh * ia3_in.to(dt) if ia3_in is not None else dh
                 if lora_dx is not None and ia3_in is not None:

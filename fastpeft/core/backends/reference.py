@@ -18,7 +18,7 @@ from fastpeft.reference import dropout_with_mask
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
 
 
-def _wide(t: torch.Tensor) -> torch.Tensor:
+def wide(t: torch.Tensor) -> torch.Tensor:
     """Accumulation precision: fp32 for half types, the tensor's own otherwise (fp64 stays fp64)."""
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
@@ -61,11 +61,11 @@ def sddmm(g: torch.Tensor, h: torch.Tensor, sparse_index: torch.Tensor, k: int) 
     """out[j] = sum_m g[m, row_j] * h[m, col_j] (fp32 accumulation): the gradient of sparse_value."""
     rows = torch.div(sparse_index, k, rounding_mode="floor")
     cols = sparse_index - rows * k
-    out = torch.empty(sparse_index.numel(), dtype=_wide(g[:0]).dtype, device=g.device)
+    out = torch.empty(sparse_index.numel(), dtype=wide(g[:0]).dtype, device=g.device)
     chunk = max(1, _SDDMM_CHUNK_ELEMENTS // max(1, g.shape[0]))
     for start in range(0, sparse_index.numel(), chunk):
         r, c = rows[start:start + chunk], cols[start:start + chunk]
-        out[start:start + chunk] = (_wide(g[:, r]) * _wide(h[:, c])).sum(0)
+        out[start:start + chunk] = (wide(g[:, r]) * wide(h[:, c])).sum(0)
     return out
 
 
@@ -104,16 +104,16 @@ def backward(grad_y, a, xa, z, needs):
     if a.dora_scale is not None:
         # y = c * u + bias: dc = sum gy * u, d bias = sum gy, and everything before the scale reads c * gy.
         if needs.dora_scale:
-            gc = (_wide(grad_y) * _wide(z)).sum(0).to(a.dora_scale.dtype)
+            gc = (wide(grad_y) * wide(z)).sum(0).to(a.dora_scale.dtype)
         if needs.bias:
-            gb = _wide(grad_y).sum(0).to(a.bias.dtype)
+            gb = wide(grad_y).sum(0).to(a.bias.dtype)
         grad_y = grad_y * a.dora_scale.to(dt)
         needs = needs._replace(bias=False)
     gz = grad_y * a.ia3_out.to(dt) if a.ia3_out is not None else grad_y
     if needs.ia3_out:
-        gout = (_wide(grad_y) * _wide(z)).sum(0).to(a.ia3_out.dtype)
+        gout = (wide(grad_y) * wide(z)).sum(0).to(a.ia3_out.dtype)
     if needs.bias:
-        gb = _wide(gz).sum(0).to(a.bias.dtype)
+        gb = wide(gz).sum(0).to(a.bias.dtype)
     h = a.x * a.ia3_in.to(dt) if a.ia3_in is not None and a.x is not None else a.x
     if needs.weight:
         gw = (gz.t() @ h).to(a.weight.dtype)
@@ -124,7 +124,7 @@ def backward(grad_y, a, xa, z, needs):
         if a.sparse_index is not None:
             dh = dh + sparse_matmul_t(gz, a.sparse_index, a.sparse_value, n, k)
         if needs.ia3_in:
-            gin = (_wide(dh) * _wide(a.x)).sum(0).to(a.ia3_in.dtype)
+            gin = (wide(dh) * wide(a.x)).sum(0).to(a.ia3_in.dtype)
         if needs.x:
             gx = dh * a.ia3_in.to(dt) if a.ia3_in is not None else dh
     if a.lora_A is not None and (needs.x or needs.lora_A or needs.lora_B):
