@@ -2,6 +2,7 @@
 
     python bench/dora_qlora.py --dora                # 512x1024x1024 and 2048^3, r = 16, p = 0 and 0.05
     python bench/dora_qlora.py --qlora               # 512x2048x2048 and 1024x4096x4096, r = 16, p = 0.05
+    python bench/dora_qlora.py --qdora              # DoRA over NF4 / int8 vs over the fp32 base, same shapes
     python bench/dora_qlora.py --dora --qlora --quick
 
 fp32, 2 threads, forward+backward (x, the adapters and the magnitude train; W frozen).  Every variant
@@ -134,6 +135,77 @@ def print_qlora(rows):
               f"{bnb:>12} {row['fp32_ms']:8.2f} {row['bytes_nf4']:7.3f} {row['bytes_int8']:8.3f}", flush=True)
 
 
+def _touch(t):
+    """Bump a tensor's version (as an optimizer step does), so DoRA's cached row norm is recomputed."""
+    with torch.no_grad():
+        t.mul_(1.0)
+
+
+def _bnb4(w, b):
+    """bitsandbytes Linear4bit (NF4, double quant, fp32 compute) over w, b; raises if bnb is missing."""
+    import bitsandbytes as bnb
+
+    n, k = w.shape
+    base = bnb.nn.Linear4bit(k, n, bias=True, quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
+    base.weight = bnb.nn.Params4bit(w.detach().clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    base.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+    return base.to("cpu")
+
+
+def qdora_rows(shape, r, p, reps, with_bnb=True):
+    """DoRA over a quantized base vs DoRA over the fp32 base (fastpeft), fwd+bwd, the norm recomputed per step."""
+    from peft import LoraConfig
+
+    m, k, n = shape
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n).requires_grad_(False)
+    w, b = linear.weight, linear.bias
+    a_ = nn.Parameter(torch.randn(r, k) * k ** -0.5)
+    b_ = nn.Parameter(torch.randn(n, r) * 0.02)
+    nf4 = fastpeft.quantize_weight(w, "nf4")
+    int8 = fastpeft.quantize_weight(w, "int8")
+    mag = nn.Parameter(nf4.dequantize().norm(dim=1))
+    x = torch.randn(m, k, requires_grad=True)
+    grad_y = torch.randn(m, n)
+
+    def ours(weight, dora=True):
+        extra = {"dora_magnitude": mag} if dora else {}
+
+        def f(t):
+            _touch(b_)  # as after an optimizer step: the row norm is recomputed (‖W‖²_row stays cached)
+            return fastpeft.peft_linear(t, weight, b, lora_A=a_, lora_B=b_, lora_scale=2.0, lora_dropout=p, **extra)
+        return f
+
+    variants = {"fp32 dora": run_step(ours(w), x, grad_y, True), "nf4 dora": run_step(ours(nf4), x, grad_y, True),
+                "int8 dora": run_step(ours(int8), x, grad_y, True),
+                "nf4 lora": run_step(ours(nf4, False), x, grad_y, True)}
+    if with_bnb:
+        try:
+            layer = peft_layer(_bnb4(w, b), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"],
+                                                       use_dora=True))
+            layer.train()
+            variants["peft+bnb dora"] = run_step(layer, x, grad_y, True)
+        except Exception as exc:  # bitsandbytes is an optional extra
+            print(f"(peft DoRA on bitsandbytes skipped: {type(exc).__name__}: {exc})", file=sys.stderr)
+    med = interleaved(variants, reps, base="fp32 dora")
+    return {"shape": f"{m}x{k}x{n}", "r": r, "p": p, "nf4/fp32": med["nf4 dora/base"],
+            "int8/fp32": med["int8 dora/base"], "dora/lora nf4": med["nf4 dora/base"] / med["nf4 lora/base"],
+            "bnb/nf4": (med["peft+bnb dora/base"] / med["nf4 dora/base"]) if "peft+bnb dora" in variants else None,
+            "fp32_ms": med["fp32 dora"] * 1e3, "nf4_ms": med["nf4 dora"] * 1e3}
+
+
+def print_qdora(rows):
+    header = (f"{'shape':>15} {'r':>3} {'p':>5} {'nf4/fp32':>8} {'int8/fp32':>9} {'dora/lora(nf4)':>14} "
+              f"{'peftbnb/nf4':>11} {'fp32 ms':>8} {'nf4 ms':>8}")
+    print("DoRA over a quantized base vs DoRA over the fp32 base (fastpeft), fwd+bwd, norm recomputed per step")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        bnb = "-" if row["bnb/nf4"] is None else f"{row['bnb/nf4']:.3f}"
+        print(f"{row['shape']:>15} {row['r']:>3} {row['p']:5.2f} {row['nf4/fp32']:8.3f} {row['int8/fp32']:9.3f} "
+              f"{row['dora/lora nf4']:14.3f} {bnb:>11} {row['fp32_ms']:8.2f} {row['nf4_ms']:8.2f}", flush=True)
+
+
 def peak_rows(m=256, k=4096, n=4096, r=16, p=0.05):
     """A training step's peak memory above its inputs at M = 256, K = N = 4096."""
     torch.manual_seed(0)
@@ -150,6 +222,15 @@ def peak_rows(m=256, k=4096, n=4096, r=16, p=0.05):
             "fp32 base + DoRA": _peak(lambda t: fastpeft.peft_linear(t, w, b, dora_magnitude=mag, **kw), x, params),
             "NF4 base + LoRA": _peak(lambda t: fastpeft.peft_linear(t, nf4, b, **kw), x,
                                      params + list(nf4.tensors().values()))}
+    from fastpeft.quant.dora import row_sq_norms
+
+    row_sq_norms(nf4)  # cached on the QuantizedWeight (computed once per frozen base, like the fp32 base's)
+
+    def nf4_dora(t):
+        _touch(b_)  # the norm's W Aᵀ is recomputed in the step, as after an optimizer step
+        return fastpeft.peft_linear(t, nf4, b, dora_magnitude=mag, **kw)
+
+    rows["NF4 base + DoRA"] = _peak(nf4_dora, x, params + list(nf4.tensors().values()))
     try:
         from peft import LoraConfig
 
@@ -160,6 +241,15 @@ def peak_rows(m=256, k=4096, n=4096, r=16, p=0.05):
             lin.weight.data, lin.bias.data = w.data, b.data
             layer = peft_layer(lin, cfg)
             layer.base_layer.requires_grad_(False)
+            layer.train()
+            rows[name] = _peak(layer, x, [])
+        for name, dora in (("peft+bnb LoRA", False), ("peft+bnb DoRA", True)):
+            try:
+                layer = peft_layer(_bnb4(w, b), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p,
+                                                           target_modules=["0"], use_dora=dora))
+            except Exception as exc:  # bitsandbytes is an optional extra
+                print(f"({name} skipped: {type(exc).__name__}: {exc})", file=sys.stderr)
+                continue
             layer.train()
             rows[name] = _peak(layer, x, [])
     except ImportError:
@@ -173,6 +263,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dora", action="store_true")
     parser.add_argument("--qlora", action="store_true")
+    parser.add_argument("--qdora", action="store_true", help="DoRA over NF4 / int8 vs DoRA over the fp32 base")
     parser.add_argument("--peak", action="store_true", help="the M=256, K=N=4096 step-peak table")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=None)
@@ -187,6 +278,9 @@ def main(argv=None):
     if args.qlora:
         shapes = [((128, 256, 256), 10)] if args.quick else [((512, 2048, 2048), 10), ((1024, 4096, 4096), 3)]
         print_qlora(qlora_rows(s, 16, 0.05, args.reps or reps) for s, reps in shapes)
+    if args.qdora:
+        shapes = [((128, 256, 256), 10)] if args.quick else [((512, 2048, 2048), 10), ((1024, 4096, 4096), 3)]
+        print_qdora(qdora_rows(s, 16, 0.05, args.reps or reps) for s, reps in shapes)
     if args.peak:
         peak_rows()
 

@@ -5,11 +5,13 @@
     python bench/gpu_bench.py --help
 
 1. Numerics: fastpeft.peft_linear(backend="triton") against fastpeft.reference.peft_linear in
-   float64 on the GPU, forward and every gradient, for every path combination, fp32 and bf16
+   float64 on the GPU, forward and every gradient, for every path combination, DoRA and LoRA over
+   an NF4 base (reference on the dequantized weight), fp32 and bf16
    (and bf16 activations with fp32 adapters), odd shapes.  Any failure makes the exit status 1.
 2. Timing at bf16, M=8192 tokens, (K, N) = (4096, 4096) and the 7B MLP (4096, 11008), r in {16, 64}:
-   the frozen matmul alone (cuBLAS, torch.matmul), a plain torch LoRA layer, peft's LoRA layer
-   (if peft imports) and the fused Triton op; forward (no grad) and forward+backward (x and the
+   the frozen matmul alone (cuBLAS, torch.matmul), a plain torch LoRA layer, peft's LoRA and DoRA
+   layers (if peft imports) and the fused Triton op (LoRA, DoRA, LoRA over an NF4 base); forward
+   (no grad) and forward+backward (x and the
    adapters need grad, W frozen).  Medians of triton.testing.do_bench, the variants interleaved
    round by round, inputs rotated between calls so no call finds its activations in L2; peak
    memory of one training step (torch.cuda.max_memory_allocated above the resident inputs).
@@ -94,14 +96,17 @@ def check_numerics(torch, fastpeft, dev="cuda", m_lead=(5, 61), k=333, n=257, r=
 
     # Each path alone is covered on CPU by tests/test_triton.py; here every path at once in each
     # dtype, plus the LoRA-only path that is timed below (every new variant costs a JIT compile).
-    combos = {"all": ("bias", "lora", "dropout", "ia3_in", "ia3_out", "sparse", "weight"), "lora": ("lora",)}
+    combos = {"all": ("bias", "lora", "dropout", "ia3_in", "ia3_out", "sparse", "weight"), "lora": ("lora",),
+              "dora": ("bias", "lora", "dropout", "dora"), "nf4+lora": ("bias", "lora", "dropout", "nf4")}
     cases = [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.float16, None)]
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
     rows, ok = [], True
     gen = torch.Generator(device=dev).manual_seed(0)
     for dtype, adt in cases:
         for name, paths in combos.items():
-            if name != "all" and (adt is not None or dtype != torch.bfloat16):
+            if name == "lora" and (adt is not None or dtype != torch.bfloat16):
+                continue
+            if name == "nf4+lora" and (adt is not None or dtype == torch.float16):
                 continue
             ad = adt or dtype
 
@@ -117,6 +122,9 @@ def check_numerics(torch, fastpeft, dev="cuda", m_lead=(5, 61), k=333, n=257, r=
                 leaves["lora_A"] = rnd(r, k, dt=ad, scale=k ** -0.5).requires_grad_()
                 leaves["lora_B"] = rnd(n, r, dt=ad, scale=0.5).requires_grad_()
                 kw.update(lora_scale=2.0, lora_dropout=0.1 if "dropout" in paths else 0.0, dropout_seed=1234)
+            if "dora" in paths:  # m = ‖W‖_row times a factor near 1
+                m = leaves["weight"].double().norm(dim=1) * (1 + 0.2 * torch.randn(n, generator=gen, device=dev))
+                leaves["dora_magnitude"] = m.to(ad).requires_grad_()
             if "ia3_in" in paths:
                 leaves["ia3_in"] = rnd(k, dt=ad, scale=0.3, offset=1.0).requires_grad_()
             if "ia3_out" in paths:
@@ -126,8 +134,11 @@ def check_numerics(torch, fastpeft, dev="cuda", m_lead=(5, 61), k=333, n=257, r=
                 kw["sparse_index"] = idx
                 leaves["sparse_value"] = rnd(idx.numel(), dt=ad, scale=0.1).requires_grad_()
             args = {k_: v for k_, v in leaves.items() if k_ not in ("x", "weight", "bias")}
-            y = fastpeft.peft_linear(leaves["x"], leaves["weight"], leaves.get("bias"), backend="triton",
-                                     **kw, **args)
+            weight = leaves["weight"]
+            if "nf4" in paths:  # the reference runs on the dequantized weight
+                weight = fastpeft.quantize_weight(weight.detach(), "nf4")
+                leaves["weight"] = weight.dequantize()
+            y = fastpeft.peft_linear(leaves["x"], weight, leaves.get("bias"), backend="triton", **kw, **args)
             ref = {k_: v.detach().to(dtype).double().requires_grad_(v.requires_grad) for k_, v in leaves.items()}
             ref_args = {k_: v for k_, v in ref.items() if k_ not in ("x", "weight", "bias")}
             y_ref = reference.peft_linear(ref["x"], ref["weight"], ref.get("bias"), **kw, **ref_args)
@@ -166,6 +177,15 @@ def build_variants(torch, fastpeft, m, k, n, r, p, use_peft, rotate=3, dev="cuda
         "fastpeft_triton": (lambda x: fastpeft.peft_linear(x, weight, lora_A=a, lora_B=b, lora_scale=scale,
                                                            lora_dropout=p, backend="triton"), [a, b]),
     }
+    # DoRA (magnitude m = ‖W‖_row, trainable) and an NF4 base, through the same fused op
+    mag = weight.float().norm(dim=1).to(dt).requires_grad_()
+    variants["fastpeft_triton_dora"] = (
+        lambda x: fastpeft.peft_linear(x, weight, lora_A=a, lora_B=b, lora_scale=scale, lora_dropout=p,
+                                       dora_magnitude=mag, backend="triton"), [a, b, mag])
+    nf4 = fastpeft.quantize_weight(weight, "nf4")
+    variants["fastpeft_triton_nf4"] = (
+        lambda x: fastpeft.peft_linear(x, nf4, lora_A=a, lora_B=b, lora_scale=scale, lora_dropout=p,
+                                       backend="triton"), [a, b])
     if use_peft:
         try:
             from peft import LoraConfig, get_peft_model
@@ -178,10 +198,11 @@ def build_variants(torch, fastpeft, m, k, n, r, p, use_peft, rotate=3, dev="cuda
                 def forward(self, x):
                     return self.proj(x)
 
-            model = get_peft_model(Wrap(), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"]))
-            model.proj.base_layer.weight.data.copy_(weight)
-            peft_params = [q for q in model.parameters() if q.requires_grad]
-            variants["peft_lora"] = (model, peft_params)
+            for use_dora, label in ((False, "peft_lora"), (True, "peft_dora")):
+                model = get_peft_model(Wrap(), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p,
+                                                          target_modules=["proj"], use_dora=use_dora))
+                model.proj.base_layer.weight.data.copy_(weight)
+                variants[label] = (model, [q for q in model.parameters() if q.requires_grad])
             if peft_adapters:  # the same adapters (peft keeps them in fp32 by default) through the fused op
                 la, lb = model.proj.lora_A["default"].weight, model.proj.lora_B["default"].weight
                 variants["fastpeft_on_peft_adapters"] = (
@@ -255,6 +276,10 @@ def print_table(shape_name, m, k, n, r, res):
     if "peft_lora" in res:
         peft_row = res["peft_lora"]
         notes.append(f"peft/fused fwd+bwd {peft_row['fwd_bwd_ms'] / fused['fwd_bwd_ms']:.2f}x (target > 1.27)")
+    if "peft_dora" in res:
+        notes.append(f"peft DoRA / fused DoRA fwd+bwd "
+                     f"{res['peft_dora']['fwd_bwd_ms'] / res['fastpeft_triton_dora']['fwd_bwd_ms']:.2f}x")
+    notes.append(f"NF4 / bf16 base fwd+bwd {res['fastpeft_triton_nf4']['fwd_bwd_ms'] / fused['fwd_bwd_ms']:.3f}x")
     print("  " + "; ".join(notes), flush=True)
 
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "dense.h"
+#include "embedding.h"
 #include "lowrank.h"
 #include "op_args.h"
 #include "sparse.h"
@@ -88,6 +89,11 @@ TORCH_LIBRARY(fastpeft_cpp, m) {
   m.def("sparse_matmul(Tensor h, Tensor sparse_index, Tensor sparse_value, int n) -> Tensor");
   m.def("sparse_matmul_t(Tensor g, Tensor sparse_index, Tensor sparse_value, int k) -> Tensor");
   m.def("sddmm(Tensor g, Tensor h, Tensor sparse_index) -> Tensor");
+  // LoRA on an embedding table (csrc/embedding.cpp): y = weight[ids] + scale * A[:, ids]^T B^T, and
+  // (dA, dB) in lora_A's / lora_B's dtype (an empty [0] tensor where needs[i] is false).
+  m.def("embedding_lora_fwd(Tensor ids, Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
+  m.def("embedding_lora_bwd(Tensor grad_y, Tensor ids, Tensor lora_A, Tensor lora_B, float scale, int padding_idx, "
+        "bool scale_grad_by_freq, bool[2] needs) -> (Tensor, Tensor)");
   // No tensor arguments to dispatch on: one implementation for every key.
   // first_row: the mask of rows [first_row, first_row + rows) of a [*, cols] x (tests offsets >= 2^32).
   m.def("keep_mask(int seed, float p, int rows, int cols, int first_row=0) -> Tensor", &fastpeft::keep_mask);
@@ -103,6 +109,8 @@ TORCH_LIBRARY_IMPL(fastpeft_cpp, CPU, m) {
   m.impl("sparse_matmul", &fastpeft::sparse_matmul_op);
   m.impl("sparse_matmul_t", &fastpeft::sparse_matmul_t_op);
   m.impl("sddmm", &fastpeft::sddmm_op);
+  m.impl("embedding_lora_fwd", &fastpeft::embedding_lora_forward);
+  m.impl("embedding_lora_bwd", &fastpeft::embedding_lora_backward);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_cpp, Autograd, m) {

@@ -41,6 +41,7 @@ from fastpeft.methods.selective import delta_penalty, select_layers
 from fastpeft.methods.sparse_select import select_sparse_by_gradient, select_sparse_indices
 from fastpeft.nn.accounting import count_parameters
 from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig
+from fastpeft.nn.embedding import LoRAEmbedding, lora_embedding
 from fastpeft.nn.inject import inject, merge, unmerge
 from fastpeft.nn.modules import BitFitLinear, IA3Linear, LoRALinear, PEFTLinear, SparseLinear
 from fastpeft.quant import QuantizedWeight, quantize_weight
@@ -57,5 +58,5 @@ __all__ = [
     "select_sparse_indices",
     "AdapterConfig", "BottleneckAdapter", "bottleneck_adapter", "ClassificationHead", "TokenClassificationHead",
     "ModelWithHead", "PrefixTuning", "PromptTuning", "delta_penalty", "select_layers", "profile_memory",
-    "QuantizedWeight", "quantize_weight", "quantize",
+    "QuantizedWeight", "quantize_weight", "quantize", "LoRAEmbedding", "lora_embedding",
 ]

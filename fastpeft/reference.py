@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastpeft.core.validation import check_dora_args, check_scalars
+from fastpeft.core.validation import check_dora_args, check_scalars, with_lora_bias
 from fastpeft.mask import draw_seed, keep_mask
 
 
@@ -32,17 +32,21 @@ def dropout_with_mask(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 def peft_linear(x, weight, bias=None, *, lora_A=None, lora_B=None, lora_scale=1.0, lora_dropout=0.0,
                 dropout_seed=None, ia3_in=None, ia3_out=None, sparse_index=None, sparse_value=None,
-                dora_magnitude=None, backend=None):
+                dora_magnitude=None, lora_bias=None, backend=None):
     """Reference fused PEFT linear: y = ((x*ia3_in)(W+S)^T + b) * ia3_out + s * (drop(x) A^T) B^T.
 
     With ``dora_magnitude`` m (DoRA): y = c ⊙ (x Wᵀ + s·(drop(x) Aᵀ) Bᵀ) + b with c = m / n and
     n = ‖W + s·B·A‖_row formed densely and detached (c = 0 on rows where n = 0).
+
+    With ``lora_bias`` (peft's bias on lora_B): y += s · lora_bias, folded into b.
 
     Same signature as ``fastpeft.peft_linear``; ``backend`` is accepted and ignored.  Adapters
     are used in x's precision; the output has x's dtype.  The scalars are checked and converted
     as ``fastpeft.peft_linear`` does (numpy numbers, one-element tensor seeds).  Being plain
     PyTorch, it supports what the fused op does not: double backward and forward-mode AD.
     """
+    if lora_bias is not None:
+        bias = with_lora_bias(x, weight, bias, lora_A, lora_B, lora_scale, lora_dropout, dropout_seed, lora_bias)
     lora_scale, p, dropout_seed = check_scalars(lora_scale, lora_dropout, dropout_seed)
     if dora_magnitude is not None:
         check_dora_args(weight, lora_A, lora_B, dora_magnitude, ia3_in, ia3_out, sparse_value, x.dtype, x.device)

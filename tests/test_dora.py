@@ -26,21 +26,15 @@ def _seed_per_test(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def with_magnitude(kw, gen=None, dtype=None):
-    w = kw["weight"]
-    m = w.double().norm(dim=1) * (1 + 0.2 * torch.randn(w.shape[0], generator=gen, dtype=torch.float64))
-    kw["dora_magnitude"] = m.to(dtype or kw["lora_A"].dtype)
-    return kw
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("paths", [("lora",), ("lora", "bias"), ("lora", "dropout", "bias")], ids="+".join)
+@pytest.mark.parametrize("paths", [("lora", "dora"), ("lora", "dora", "bias"), ("lora", "dropout", "dora", "bias")],
+                         ids="+".join)
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                  (torch.bfloat16, torch.float32)],
                          ids=["fp32", "bf16", "bf16-fp32-adapters"])
 def test_dora_matches_float64(backend, paths, dtype, adapter_dtype):
     x, kw = make_case(paths, 37, 29, 23, 5, dtype=dtype, adapter_dtype=adapter_dtype)
-    check(x, with_magnitude(kw), TRAINABLE, backend=backend)
+    check(x, kw, TRAINABLE, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,8 +51,8 @@ def test_dora_shapes(backend, shape):
         m = 1
     elif shape == "k1-n1":
         k = n = 1
-    x, kw = make_case(("lora", "dropout", "bias"), m, k, n, 3, lead=lead, noncontig=noncontig)
-    check(x, with_magnitude(kw), TRAINABLE, backend=backend)
+    x, kw = make_case(("lora", "dropout", "dora", "bias"), m, k, n, 3, lead=lead, noncontig=noncontig)
+    check(x, kw, TRAINABLE, backend=backend)
 
 
 def test_norm_without_ba_equals_dense_formula():
@@ -82,10 +76,9 @@ def test_norm_cache_follows_in_place_updates():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_norm_row_gives_bias_and_finite_gradients(backend):
     """A row of W + s·B·A that is all zero has n = 0: peft gives NaN; here c = 0, so y = bias there."""
-    x, kw = make_case(("lora", "bias"), 11, 7, 5, 2)
+    x, kw = make_case(("lora", "dora", "bias"), 11, 7, 5, 2)
     kw["weight"][2] = 0.0
     kw["lora_B"][2] = 0.0
-    with_magnitude(kw)
     kw["dora_magnitude"][2] = 1.0
     leaves = {name: kw[name].requires_grad_() for name in ("lora_A", "lora_B", "bias", "dora_magnitude")}
     y = fastpeft.peft_linear(x.requires_grad_(), backend=backend, **kw)
@@ -129,9 +122,8 @@ def test_dora_at_p0_equals_peft_dora_layer():
     ("sparse", ValueError, "dora_magnitude cannot be combined with sparse_value"),
 ])
 def test_dora_bad_input_raises_before_any_work(backend, case, error, match):
-    x, kw = make_case(("lora", "dropout", "ia3_out" if case == "ia3_out" else "bias",
+    x, kw = make_case(("lora", "dropout", "dora", "ia3_out" if case == "ia3_out" else "bias",
                        *(("sparse",) if case == "sparse" else ())), 5, 7, 23, 2)
-    with_magnitude(kw)
     kw["dropout_seed"] = None  # a draw would change the generator's state
     if case == "no lora":
         del kw["lora_A"], kw["lora_B"]

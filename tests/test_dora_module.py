@@ -119,7 +119,7 @@ def test_bad_inputs():
         fastpeft.PEFTLinear.from_linear(nn.Linear(4, 4), r=2, use_dora=True, density=0.5)
     lin = nn.Linear(4, 4)
     ia3 = fastpeft.PEFTLinear.from_linear(lin, r=2, ia3="in")
-    with pytest.raises(ValueError, match="ia3"):
+    with pytest.raises(ValueError, match="has IA3, which cannot be combined with DoRA"):
         ia3.add_path("dora")
     assert ia3.dora_magnitude is None
     plain = fastpeft.PEFTLinear.from_linear(nn.Linear(4, 4), r=2)
@@ -216,3 +216,42 @@ def test_minilm_from_peft_equivalence():
     y2, g2 = run(converted)
     assert rel(y2, y) < 1e-5 and set(g2) == set(g)
     assert all(rel(g2[k], g[k]) < 1e-3 for k in g)
+
+
+@pytest.mark.parametrize("add", ["ia3_in", "ia3_out", "sparse"])
+def test_adding_a_conflicting_path_after_dora_is_refused_at_add_time(add):
+    layer = LoRALinear.from_linear(nn.Linear(11, 7), r=3, use_dora=True)
+    before = {n: t.clone() for n, t in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="has DoRA, which cannot be combined"):
+        if add == "sparse":
+            layer.add_sparse(density=0.2)
+        else:
+            layer.add_ia3(add[4:])
+    assert set(layer.state_dict()) == set(before)
+    assert all(torch.equal(layer.state_dict()[n], t) for n, t in before.items())
+    layer(torch.randn(2, 11))  # still a working DoRA layer
+
+
+def test_dora_after_ia3_is_refused_at_add_time():
+    layer = fastpeft.PEFTLinear.from_linear(nn.Linear(11, 7), r=3).add_ia3("out")
+    with pytest.raises(ValueError, match="cannot add DoRA: the layer has IA3"):
+        layer.add_path("dora")
+    assert layer.dora_magnitude is None
+
+
+def test_load_adapter_refuses_a_magnitude_without_lora(tmp_path):
+    pm = small_peft()
+    pm.save_pretrained(tmp_path / "peft")
+    from safetensors.torch import load_file, save_file
+
+    f = tmp_path / "peft" / "adapter_model.safetensors"
+    state = {k: v for k, v in load_file(str(f)).items() if "lora_magnitude" in k or not k.startswith(
+        "base_model.model.0.")}
+    save_file(state, str(f))  # layer 0 keeps its magnitude, loses lora_A / lora_B
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
+    before = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"^0: the checkpoint has a DoRA part .* no LoRA part"):
+        fastpeft.load_adapter(base, tmp_path / "peft")
+    assert type(base[0]) is nn.Linear and type(base[2]) is nn.Linear
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), before.state_dict().values()))

@@ -335,9 +335,11 @@ def test_from_peft_converts_dora():
     assert fastpeft.from_peft(pm).q.dora_magnitude is magnitude
 
 
-def test_from_peft_rejects_lora_bias():
-    with pytest.raises(NotImplementedError, match="lora_bias"):
-        fastpeft.from_peft(toy_peft(lora_bias=True))
+def test_from_peft_converts_lora_bias():
+    # lora_bias is part of the LoRA path now (tests/test_lora_bias.py): lora_B's bias is peft's own Parameter.
+    pm = toy_peft(lora_bias=True)
+    bias = pm.base_model.model.q.lora_B["default"].bias
+    assert fastpeft.from_peft(pm).q.lora_bias is bias
 
 
 def test_from_peft_rejects_several_adapters():
@@ -372,14 +374,13 @@ def test_from_peft_rejects_merged_and_disabled():
             fastpeft.from_peft(pm)
 
 
-def test_from_peft_leaves_embedding_lora_on_peft_path_with_warning():
+def test_from_peft_converts_embedding_lora():
     pm = toy_peft(target_modules=["emb", "q", "ff"])
     ids = torch.tensor([[1, 2, 3], [4, 5, 9]])
     with torch.no_grad():
         ref = pm(ids)
-    with pytest.warns(UserWarning, match=r"emb \(peft\.tuners\.lora\.layer\.Embedding"):
-        model = fastpeft.from_peft(pm)
-    assert type(model.emb).__module__.startswith("peft.")
+    model = fastpeft.from_peft(pm)
+    assert isinstance(model.emb, fastpeft.LoRAEmbedding)  # peft's lora.Embedding (tests/test_embedding_lora.py)
     assert isinstance(model.q, fastpeft.LoRALinear) and isinstance(model.ff, fastpeft.LoRALinear)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-6)  # fp32 summation order only

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fastpeft.methods.prompt import PrefixTuning, PromptTuning, extend_attention_mask
 from fastpeft.nn.accounting import count_parameters
+from fastpeft.tools.equivalence import rel_err
 
 pytest.importorskip("transformers")
 
@@ -329,3 +330,31 @@ def test_prefix_deepcopy_and_pickle_carry_the_prefixes(minilm, tmp_path, reparam
             plain = bert_reference(bare, batch["input_ids"], batch["attention_mask"])
             _close_on_tokens(bare(**batch).last_hidden_state, plain, keep, 1e-5)
             assert torch.equal(pt(**batch).last_hidden_state, out)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefix_on_a_causal_decoder_is_the_same_under_sdpa_and_eager(padded):
+    """transformers' SDPA path passes no mask to a causal layer (the kernel's is_causal); with the
+    prefix in front of the keys that would align the causal band wrongly, so the hook gives the
+    explicit mask: SDPA and eager attention (which always gets a mask) then agree, and a real token
+    sees the earlier real tokens."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    outs = {}
+    for attn in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
+        torch.manual_seed(1)
+        wrapped = PrefixTuning(model, 3, init_std=0.5)
+        ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones(2, 7, dtype=torch.long)
+        if padded:
+            mask[1, :2] = 0
+        outs[attn] = wrapped(input_ids=ids, attention_mask=mask if padded else None, use_cache=False).logits
+        if not padded:  # the last token's output depends on the first real token
+            other = ids.clone()
+            other[:, 0] = (other[:, 0] + 1) % 61
+            assert not torch.allclose(wrapped(input_ids=other, use_cache=False).logits[:, -1], outs[attn][:, -1])
+    valid = slice(None) if not padded else (slice(None), slice(2, None))
+    assert rel_err(outs["sdpa"][valid], outs["eager"][valid]) < 1e-5

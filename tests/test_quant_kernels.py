@@ -85,6 +85,20 @@ def test_noncontiguous_and_empty_inputs():
         kq.quant_matmul(torch.randn(3, 41, device=DEVICE), qw, True)
 
 
+def test_the_products_route_to_the_triton_kernels():
+    """fastpeft.quant.quant_linear & co. with backend="triton" (the CUDA default) run these kernels."""
+    from fastpeft.quant.linear import quant_linear, quant_linear_add_, quant_linear_grad_input
+
+    kq = _kq()
+    qw = quantize_weight(torch.randn(21, 40) * 0.1, "nf4", blocksize=32).to(DEVICE)
+    x, gy = torch.randn(2, 5, 40, device=DEVICE), torch.randn(5, 21, device=DEVICE)
+    assert torch.equal(quant_linear(x, qw, backend="triton"), kq.quant_linear(x, qw))
+    assert torch.equal(quant_linear_grad_input(gy, qw, backend="triton"), kq.quant_linear_grad_input(gy, qw))
+    out = torch.ones(5, 40, device=DEVICE)
+    assert torch.equal(quant_linear_add_(out, gy, qw, forward=False, backend="triton"),
+                       1 + kq.quant_linear_grad_input(gy, qw))
+
+
 # ---------------------------------------------------------------------------------------------
 # ahead-of-time compilation for sm_80 and sm_90
 

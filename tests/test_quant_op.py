@@ -94,19 +94,24 @@ def test_quantized_base_trains_and_weight_stays_frozen():
 
 
 @pytest.mark.parametrize("case,error,match", [
-    ("sparse", NotImplementedError, "sparse delta .* over a quantized weight"),
-    ("dora", NotImplementedError, "dora_magnitude over a quantized weight"),
+    ("sparse index", ValueError, r"sparse_index values must be flat indices in \[0, 1610\)"),
+    ("dora without lora", ValueError, "dora_magnitude needs lora_A and lora_B"),
+    ("dora shape", ValueError, r"dora_magnitude must have shape \[23\]"),
     ("dtype", TypeError, "weight dtype torch.float32 must match x dtype torch.bfloat16"),
     ("lora shape", ValueError, r"lora_A must have shape \[r, 70\]"),
     ("x shape", ValueError, r"x must have shape \[\.\.\., 70\]"),
     ("p", ValueError, r"lora_dropout must be in \[0, 1\)"),
 ])
 def test_quantized_base_bad_input_raises_before_any_work(case, error, match):
-    x, kw, qw = quantized_case("nf4", paths=("lora", "dropout", "bias", "sparse") if case == "sparse"
+    x, kw, qw = quantized_case("nf4", paths=("lora", "dropout", "bias", "sparse") if case == "sparse index"
                                else ("lora", "dropout", "bias"))
     kw = {**kw, "weight": qw, "dropout_seed": None}
-    if case == "dora":
-        kw["dora_magnitude"] = torch.ones(23)
+    if case == "sparse index":
+        kw["sparse_index"] = kw["sparse_index"] + 1610 - int(kw["sparse_index"][-1])
+    elif case == "dora without lora":
+        kw = {**kw, "lora_A": None, "lora_B": None, "dora_magnitude": torch.ones(23)}
+    elif case == "dora shape":
+        kw["dora_magnitude"] = torch.ones(22)
     elif case == "dtype":
         x = x.bfloat16()
     elif case == "lora shape":

@@ -80,7 +80,7 @@ def test_merge_of_a_quantized_base_raises_and_leaves_it():
     ("format", ValueError, "format must be one of"),
     ("no match", ValueError, "matched no linear layer"),
     ("twice", ValueError, "already quantized"),
-    ("sparse", NotImplementedError, "sparse delta or DoRA over a quantized base"),
+    ("merged", ValueError, "is merged: unmerge it before quantizing"),
 ])
 def test_quantize_bad_input_leaves_the_model_as_it_was(case, error, match):
     model = mlp()
@@ -91,8 +91,9 @@ def test_quantize_bad_input_leaves_the_model_as_it_was(case, error, match):
         kwargs["target_modules"] = ["nope"]
     elif case == "twice":
         fastpeft.quantize(model, "nf4", target_modules=["0"])
-    elif case == "sparse":
-        fastpeft.inject(model, fastpeft.SparseConfig(density=0.1, target_modules=["2"]))
+    elif case == "merged":
+        fastpeft.inject(model, fastpeft.LoRAConfig(r=2, target_modules=["2"]))
+        model[2].merge()
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     types = [type(m) for m in model]
     with pytest.raises(error, match=match):

@@ -43,6 +43,7 @@ from fastpeft.core.validation import (
     check_scalars,
     check_seed,
     check_tensor_types,
+    with_lora_bias,
 )
 from fastpeft.mask import draw_seed
 from fastpeft.quant.op import quant_peft_linear
@@ -214,7 +215,8 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
                 lora_B: Optional[Tensor] = None, lora_scale: float = 1.0, lora_dropout: float = 0.0,
                 dropout_seed=None, ia3_in: Optional[Tensor] = None, ia3_out: Optional[Tensor] = None,
                 sparse_index: Optional[Tensor] = None, sparse_value: Optional[Tensor] = None,
-                dora_magnitude: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+                dora_magnitude: Optional[Tensor] = None, lora_bias: Optional[Tensor] = None,
+                backend: Optional[str] = None) -> Tensor:
     """Fused PEFT linear layer (DESIGN.md section 1)::
 
         h = x * ia3_in;  z = h (W + S)^T + bias;  z = z * ia3_out
@@ -239,6 +241,9 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
             sparse delta): y = c ⊙ (x Wᵀ + s·(x̃ Aᵀ) Bᵀ) + bias with c = m / ‖W + s·B·A‖_row, the norm
             detached and computed without forming B·A (fastpeft.core.dora); rows whose adapted weight
             is all zero get c = 0 (output = bias) instead of peft's NaN.
+        lora_bias: optional [N] bias of lora_B (peft's ``lora_bias=True``; needs lora_A / lora_B):
+            y += lora_scale · lora_bias.  It is folded into ``bias`` (one [N] add) before the op
+            runs, so every route and backend computes it (fastpeft.core.validation.with_lora_bias).
         backend: "reference", "cpp", "triton", or None/"auto" (see fastpeft.set_backend).
 
     Adapter tensors may be float32 while x is bfloat16/float16; their gradients come back in
@@ -246,10 +251,14 @@ def peft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, lor
     F.linear) and shape [..., N].  Bad arguments raise TypeError/ValueError naming the argument
     before any work is done or any seed drawn.  NaN propagates as in plain PyTorch.
     """
+    if lora_bias is not None:  # a bias term: folded into the op's bias (checked first)
+        bias = with_lora_bias(x, weight, bias, lora_A, lora_B, lora_scale, lora_dropout, dropout_seed, lora_bias,
+                              read_values=not _tracing())
     if type(weight) is QuantizedWeight:
         return quant_peft_linear(x, weight, bias, lora_A=lora_A, lora_B=lora_B, lora_scale=lora_scale,
                                  lora_dropout=lora_dropout, dropout_seed=dropout_seed, ia3_in=ia3_in, ia3_out=ia3_out,
-                                 sparse_index=sparse_index, sparse_value=sparse_value, dora_magnitude=dora_magnitude)
+                                 sparse_index=sparse_index, sparse_value=sparse_value, dora_magnitude=dora_magnitude,
+                                 backend=backend)
     op = None
     if dora_magnitude is None and type(x) is Tensor and x.is_cpu and x.dtype in _CPP_DTYPES \
             and (backend is None or backend == "cpp" or backend == "auto") and not _tracing():

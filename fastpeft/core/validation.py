@@ -277,3 +277,34 @@ def is_validated(index: torch.Tensor, n: int, k: int) -> bool:
     """True when ``mark_validated(index, n, k)`` passed and the tensor has not changed since."""
     mark = getattr(index, _MARK, None)
     return mark is not None and not index.is_inference() and mark == _fingerprint(index, n, k)
+
+
+def with_lora_bias(x, weight, bias, lora_A, lora_B, lora_scale, lora_dropout, dropout_seed, lora_bias,
+                   read_values: bool = True):
+    """The op's ``bias`` with LoRA's bias term folded in: bias + s·lora_bias (peft's ``lora_B`` bias,
+    ``lora_bias=True``: lora_B(lora_A(x))·s adds s·b_B to the output).
+
+    The kernels see one [N] bias (a fused sum is one cheap [N] add; autograd gives lora_bias
+    s·Σ grad_y and the base bias Σ grad_y).  Checks the scalars first and then lora_bias itself
+    (a [N] floating tensor in x's dtype or float32, on x's device, with lora_A and lora_B given),
+    before any work; the other tensors are checked by the op as usual.
+    """
+    scale = check_scalars(lora_scale, lora_dropout, dropout_seed, read_values=read_values)[0]
+    check_tensor_types(x=x, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_bias=lora_bias)
+    if lora_A is None or lora_B is None:
+        raise ValueError("lora_bias needs lora_A and lora_B (it is the bias of LoRA's lora_B)")
+    _tensor("x", x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}")
+    shape = getattr(weight, "shape", None)  # a Tensor or a QuantizedWeight
+    if shape is None or len(shape) != 2:
+        raise TypeError(f"weight must be a 2-D torch.Tensor or a fastpeft.QuantizedWeight, got {type(weight).__name__}")
+    _shape("lora_bias", lora_bias, (shape[0],))
+    _device("lora_bias", lora_bias, x.device)
+    _adapter_dtype("lora_bias", lora_bias, x.dtype)
+    if bias is not None:
+        _device("bias", bias, x.device)
+        _adapter_dtype("bias", bias, x.dtype)
+        _shape("bias", bias, (weight.shape[0],))
+        return torch.add(bias, lora_bias, alpha=scale)
+    return lora_bias * scale

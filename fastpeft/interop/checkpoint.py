@@ -12,7 +12,14 @@ names, their shapes and the config fields are each path's peft mapping (fastpeft
 ``lora_A.weight`` [r, K] / ``lora_B.weight`` [N, r] with ``lora_alpha``, ``rank_pattern``, ...;
 IA3's ``ia3_l`` [N, 1] / [1, K] with ``feedforward_modules``).  A checkpoint holds one path (its
 ``peft_type``).  With LoRA ``bias="lora_only"``/``"all"`` it also holds the trained biases
-(``<path>.base_layer.bias`` for adapted layers, ``<path>.bias`` for the others).
+(``<path>.base_layer.bias`` for adapted layers, ``<path>.bias`` for the others).  With
+``lora_bias=True`` lora_B's bias is ``<path>.lora_B.bias`` [N] (LoRA's own key, never a trained
+base bias).  A transformers Conv1D base (GPT-2) is written and read like an nn.Linear (A and B
+do not depend on the layout); its config says ``fan_in_fan_out: true`` as peft's does.  LoRA on an
+embedding (fastpeft.LoRAEmbedding) is ``<path>.lora_embedding_A`` [r, V] / ``.lora_embedding_B``
+[N, r].  ``modules_to_save`` (modules trained and saved in full: a head) are the config's
+``modules_to_save`` list and each module's state_dict under ``<path>.<key>``, as peft 0.21 writes
+them (peft maps them to ``<path>.modules_to_save.<adapter>.<key>`` on load).
 
 Inits that rewrite the base weight (``init_lora_weights`` = "pissa", "olora", "corda", "loftq",
 "lora_ga"): peft leaves the base holding a residual ``W - scale * B0 A0`` that a checkpoint of A
@@ -36,11 +43,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastpeft.nn.inject import replacement, swap_in
-from fastpeft.nn.modules import PEFTLinear
-from fastpeft.nn.pretrained import trainable_adapter_params
+from fastpeft.methods.heads import is_modules_to_save, modules_saved_in_full, save_in_full, saved_copy
+from fastpeft.nn.config import matches
+from fastpeft.nn.embedding import LoRAEmbedding
+from fastpeft.nn.inject import check_replaceable, replacement, set_submodule, swap_in
+from fastpeft.nn.modules import PEFTLinear, is_conv1d
+from fastpeft.nn.pretrained import remember_pretrained, trainable_adapter_params
 from fastpeft.paths import DISPLAY_ORDER, PATHS
-from fastpeft.paths.base import new_param
+from fastpeft.paths.base import lookup, new_param
+from fastpeft.paths.lora import rewrites_base
 
 __all__ = ["save_adapter", "load_adapter", "unwrap_peft", "WEIGHTS_NAME", "CONFIG_NAME", "INSTALL_HINT"]
 
@@ -153,7 +164,7 @@ def _saved_biases(model: nn.Module, adapted: set, tensors: dict, saved: set) -> 
     """
     biases = {}
     for pname, p in model.named_parameters():
-        if pname == "bias" or pname.endswith(".bias"):
+        if (pname == "bias" or pname.endswith(".bias")) and id(p) not in saved:  # not a module saved in full
             biases[pname] = (pname[:-len(".bias")] if "." in pname else "", p)
     trainable = [owner for owner, p in biases.values() if p.requires_grad]
     if not trainable:
@@ -166,6 +177,18 @@ def _saved_biases(model: nn.Module, adapted: set, tensors: dict, saved: set) -> 
         tensors[key] = _full(p)
         saved.add(id(p))
     return mode
+
+
+def _saved_in_full(model: nn.Module, tensors: dict, saved: set) -> list:
+    """peft's ``modules_to_save``: every module saved in full (fastpeft.methods.heads.modules_saved_in_full:
+    marked by ``save_in_full``, or a peft ModulesToSaveWrapper's active copy) has its state_dict written
+    under ``<path>.<key>``, as peft 0.21 writes it; returns their paths for the config."""
+    names = []
+    for name, module in modules_saved_in_full(model):
+        tensors.update({f"{_PREFIX}{name}.{key}": _full(t) for key, t in module.state_dict(keep_vars=True).items()})
+        saved.update(id(p) for p in module.parameters())
+        names.append(name)
+    return names
 
 
 def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: Optional[str] = None) -> None:
@@ -193,7 +216,10 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: Option
     Raises ``TypeError`` for a ``directory`` / ``base_model_name_or_path`` that is not a str or
     path, ``ValueError`` for what peft cannot express: sparse deltas, LoRA and IA3 (or IA3 on both
     sides) in one model/layer, layers with different base-rewriting inits, a trainable bias on a
-    layer whose base had none.  Other trainable parameters (a classifier head, LayerNorm weights)
+    layer whose base had none.  Modules saved in full are written as peft's ``modules_to_save``:
+    those ``LoRAConfig(modules_to_save=...)`` (or the other configs) named at inject, a
+    ``ModelWithHead``'s head, a head loaded by :func:`load_adapter`, and the trained copies of the
+    ``ModulesToSaveWrapper`` modules :func:`from_peft` left in place.  Other trainable parameters
     are not part of the adapter and are skipped with a warning.  Under torch.distributed every rank
     must call it (FSDP2 shards are gathered); rank 0 writes.
     """
@@ -204,6 +230,7 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: Option
         raise ValueError(f"directory {str(directory)!r} is a file, not a directory")
     model = _unwrap(model)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PEFTLinear)]
+    embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAEmbedding) and m.lora_A is not None]
     by_path = {p: [(n, m) for n, m in layers if p.present(m)] for p in _NAMED_ORDER if p.changes_weight}
     by_path = {p: found for p, found in by_path.items() if found}
     for path, found in by_path.items():
@@ -213,6 +240,8 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: Option
     kinds = {}  # peft_type -> (first path of that type found, its layers)
     for path, found in by_path.items():
         kinds.setdefault(path.peft_type, (path, found))
+    if embeddings:  # LoRA on embeddings (fastpeft.nn.embedding): in peft's LORA format
+        kinds.setdefault("LORA", (_FAMILIES["LORA"][0], embeddings))
     if len(kinds) > 1:
         (a, first), (b, second) = list(kinds.values())[:2]
         raise ValueError(f"peft stores one method per adapter: this model has both {a.label} ({first[0][0]}, ...) "
@@ -223,16 +252,21 @@ def save_adapter(model: nn.Module, directory, *, base_model_name_or_path: Option
     config, tensors, saved, adapted = {}, {}, set(), set()
     for path in _FAMILIES[peft_type]:  # its first path writes the base config, the others extend it
         found = by_path.get(path, [])
-        if not found:
+        tables = embeddings if path is _FAMILIES[peft_type][0] and peft_type == "LORA" else []
+        if not found and not tables:
             continue
-        config.update(path.peft_config(found))
+        config.update(path.peft_config(found + tables))
         for name, layer in found:
             tensors.update({_PREFIX + key: t for key, t in path.peft_tensors(name, layer, _full).items()})
             saved.update(id(p) for p in path.params(layer))
             adapted.add(name)
+        for name, layer in tables:  # <name>.lora_embedding_A / _B, as peft writes them
+            tensors.update({_PREFIX + key: t for key, t in layer.peft_tensors(name, _full).items()})
+            saved.update((id(layer.lora_A), id(layer.lora_B)))
+    modules_to_save = _saved_in_full(model, tensors, saved)
     if any(p.peft_biases for p in _FAMILIES[peft_type]):
         config["bias"] = _saved_biases(model, adapted, tensors, saved)
-    config = {"task_type": None, "inference_mode": True, "modules_to_save": None, **config,
+    config = {"task_type": None, "inference_mode": True, **config, "modules_to_save": modules_to_save or None,
               "base_model_name_or_path": base_model_name_or_path}
     skipped = [pn for pn, p in model.named_parameters() if p.requires_grad and id(p) not in saved]
     if skipped:
@@ -252,7 +286,7 @@ _UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA (use_dora=True)", "lora_bias": "lora_bias=True", "fan_in_fan_out": "fan_in_fan_out=True",
     "use_qalora": "QA-LoRA", "use_bdlora": "BD-LoRA", "arrow_config": "Arrow", "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA", "alora_invocation_tokens": "aLoRA",
-    "layer_replication": "layer_replication", "modules_to_save": "modules_to_save",
+    "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices", "target_parameters": "target_parameters",
 }
 
@@ -281,8 +315,9 @@ def _target(model: nn.Module, path: str) -> nn.Module:
         module = model.get_submodule(path)
     except AttributeError:
         raise KeyError(f"the checkpoint has an adapter for {path!r}, which the model does not have") from None
-    if not isinstance(module, PEFTLinear) and type(module) is not nn.Linear:
-        raise TypeError(f"{path}: the checkpoint adapts a {type(module).__name__}; fastpeft adapts nn.Linear only")
+    if not isinstance(module, PEFTLinear) and type(module) is not nn.Linear and not is_conv1d(module):
+        raise TypeError(f"{path}: the checkpoint adapts a {type(module).__name__}; fastpeft adapts nn.Linear (and "
+                        "transformers Conv1D) only")
     _check_unmerged(model, path)
     return module
 
@@ -292,7 +327,11 @@ def _plan_layer(model, path, config, mpath: str, tensors: dict, backend, layers:
     model's, or its replacement, shared by the paths of that layer through ``layers``), the path's
     parts, the values to copy into existing tensors, a new base weight."""
     module = _target(model, mpath)
-    values, options, base = path.peft_read(config, mpath, tensors, module)
+    if is_conv1d(module) and mpath not in layers and path.name != "lora":
+        raise NotImplementedError(f"{mpath}: loading a {path.label} checkpoint onto a transformers Conv1D is not "
+                                  "supported (LoRA is)")
+    # a later path of a layer planned already (DoRA after LoRA) reads the planned fastpeft layer
+    values, options, base = path.peft_read(config, mpath, tensors, layers.get(mpath, module))
     if mpath not in layers:  # a plain nn.Linear: its replacement keeps weight, bias and bottleneck adapter (or raises)
         layers[mpath] = module if isinstance(module, PEFTLinear) else replacement(mpath, module, path.name, backend)
     layer = layers[mpath]
@@ -306,6 +345,95 @@ def _plan_layer(model, path, config, mpath: str, tensors: dict, backend, layers:
             own[name] = new_param(layer, value)
     parts = path.adopt(layer, **own, **options)
     return dict(name=mpath, path=path, layer=layer, replaced=module, parts=parts, copies=copies, base=base)
+
+
+def _check_required(plans: list) -> None:
+    """Each planned path's ``requires`` (DoRA needs LoRA) is on the layer already or in the checkpoint."""
+    loaded = {(plan["name"], plan["path"].name) for plan in plans}
+    for plan in plans:
+        for needed in plan["path"].requires:
+            if (plan["name"], needed) not in loaded and not lookup(needed).present(plan["layer"]):
+                raise ValueError(f"{plan['name']}: the checkpoint has a {plan['path'].label} part for this layer but "
+                                 f"no {lookup(needed).label} part, and the model's layer has none "
+                                 f"({plan['path'].label} needs {lookup(needed).label})")
+
+
+def _plan_embedding(model, lora, config, mpath: str, tensors: dict, backend) -> dict:
+    """LoRA on the embedding at ``mpath`` (peft's lora_embedding_A [r, V] / _B [N, r]), checked and built
+    off the model: a plain nn.Embedding gets a LoRAEmbedding over its table, a LoRAEmbedding is
+    loaded into (in place when the shapes agree)."""
+    try:
+        module = model.get_submodule(mpath)
+    except AttributeError:
+        raise KeyError(f"the checkpoint has an adapter for {mpath!r}, which the model does not have") from None
+    if type(module) is not nn.Embedding and not isinstance(module, LoRAEmbedding):
+        raise TypeError(f"{mpath}: the checkpoint has LoRA for an embedding (lora_embedding_A / _B) there, the model "
+                        f"has a {type(module).__name__}")
+    if set(tensors) != {"lora_A", "lora_B"}:
+        raise ValueError(f"{mpath}: the checkpoint has only {['lora_embedding_' + n[-1] for n in tensors]}; LoRA on an "
+                         "embedding needs both lora_embedding_A and lora_embedding_B")
+    if rewrites_base(config.get("init_lora_weights", True)):
+        raise NotImplementedError(f"{mpath}: init_lora_weights={config['init_lora_weights']!r} on an embedding is not "
+                                  "supported by fastpeft.load_adapter")
+    if isinstance(module, LoRAEmbedding) and module.merged:
+        raise RuntimeError(f"load_adapter: layer {mpath!r} is merged (its table holds its current adapter); call "
+                           "fastpeft.unmerge(model) first")
+    replaced = None if isinstance(module, LoRAEmbedding) else module
+    if replaced is not None:
+        check_replaceable(mpath, replaced)
+    layer = module if replaced is None else LoRAEmbedding.build(module, backend=backend)
+    values, options, _ = lora.peft_read(config, mpath, tensors, layer)  # shapes, rank, alpha_pattern, use_rslora
+    own, copies = {}, []
+    for name, value in values.items():
+        current = getattr(layer, name)
+        if current is not None and tuple(current.shape) == tuple(value.shape):
+            own[name] = current
+            copies.append((current, value))
+        else:
+            own[name] = new_param(layer, value)
+    parts = layer.adopt(own["lora_A"], own["lora_B"], alpha=options["alpha"], use_rslora=options["use_rslora"],
+                        dropout=options["dropout"])
+    return dict(name=mpath, layer=layer, replaced=replaced, parts=parts, copies=copies)
+
+
+def _plan_saved_in_full(model, config: dict, state: dict) -> tuple:
+    """peft's ``modules_to_save``: the checkpoint keys ``<path>.<key>`` of modules the config lists,
+    checked against the model, as [(module, [(its tensor, value)], whether it is the model's own module
+    (not a peft wrapper's copy))]; returns (that list, the other keys)."""
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"the checkpoint's modules_to_save must be a list of module names, got {names!r}")
+    if not names:
+        return [], state
+    owners = {}  # module path -> {key: value}
+    rest = {}
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        parts = key.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                      if ".".join(parts[:i]) in modules and matches(".".join(parts[:i]), names)), None)
+        if owner is None:
+            rest[key] = value
+        else:
+            owners.setdefault(owner, {})[key[len(owner) + 1:]] = value
+    planned = []
+    for owner, values in owners.items():
+        module = modules[owner]
+        target = saved_copy(module) if is_modules_to_save(module) else module
+        if target is None:
+            raise ValueError(f"{owner}: peft's ModulesToSaveWrapper there has no single active copy to load into")
+        current = target.state_dict(keep_vars=True)
+        copies = []
+        for key, value in values.items():
+            if key not in current:
+                raise KeyError(f"the checkpoint has {owner}.{key} (modules_to_save), which the model's {owner!r} "
+                               f"({type(target).__name__}) does not have")
+            if tuple(current[key].shape) != tuple(value.shape):
+                raise ValueError(f"{owner}.{key}: checkpoint shape {list(value.shape)} does not match the model's "
+                                 f"{list(current[key].shape)}")
+            copies.append((current[key], value))
+        planned.append((target, copies, target is module))
+    return planned, rest
 
 
 def _plan_biases(model, biases: dict, adapted: set) -> list:
@@ -340,7 +468,10 @@ def load_adapter(model: nn.Module, directory, *, backend: Optional[str] = None) 
     an existing fastpeft layer gets the adapter added or, if it already has one of the same shape,
     overwritten in place (same Parameter objects).  LoRA scales follow the config (``lora_alpha``,
     ``alpha_pattern``, ``use_rslora``; the rank is the tensors'), and its ``lora_dropout``.  Trained
-    biases in the checkpoint are copied.
+    biases in the checkpoint are copied.  LoRA on an ``nn.Embedding`` (``lora_embedding_A`` / ``_B``)
+    makes it a :class:`fastpeft.LoRAEmbedding` over the same table.  ``modules_to_save`` tensors are
+    copied in place into the modules the config names (the trained copy of a peft
+    ``ModulesToSaveWrapper`` there), which then train and are saved again by :func:`save_adapter`.
 
     Base-rewriting inits are handled as peft's ``from_pretrained`` handles them: for
     ``init_lora_weights="pissa"`` and ``"olora"`` the init is re-run on the layer's (original)
@@ -355,7 +486,7 @@ def load_adapter(model: nn.Module, directory, *, backend: Optional[str] = None) 
 
     Everything is checked before anything changes; when it raises, the model is exactly as it was.
     Raises ``ValueError``/``NotImplementedError`` naming the problem for other peft methods, config
-    features fastpeft does not implement (DoRA, lora_bias, modules_to_save, ...), bad config values
+    features fastpeft does not implement (trainable tokens, LoRA variants, ...), bad config values
     (``lora_dropout`` outside [0, 1), ...), shape mismatches, a replaced linear's foreign hooks;
     ``KeyError`` for checkpoint keys that match nothing in the model; ``RuntimeError`` for a merged
     fastpeft layer the checkpoint adapts (unmerge it first: loading into it would leave the old
@@ -382,9 +513,15 @@ def load_adapter(model: nn.Module, directory, *, backend: Optional[str] = None) 
     biased = any(p.peft_biases for p in family)
     state = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in _read_checkpoint(directory).items()}
     # 1. check everything and build the changes off the model
+    full_copies, state = _plan_saved_in_full(model, config, state)  # modules_to_save
+    table_groups = {}  # LoRA on embeddings: module path -> {"lora_A" / "lora_B": value}
+    if peft_type == "LORA":
+        for key in [k for k in state if k.endswith((".lora_embedding_A", ".lora_embedding_B"))]:
+            mpath, _, name = key.rpartition(".")
+            table_groups.setdefault(mpath, {})[name.replace("_embedding", "")] = state.pop(key)
     groups, biases = {}, {}  # (path index in family, module path) -> {tensor name: value}
     for key, value in state.items():
-        if biased and key.endswith(".bias"):
+        if biased and key.endswith(".bias") and not any(p.peft_split(key) for p in family):  # lora_B.bias: LoRA's
             biases[key] = value
             continue
         for i, path in enumerate(family):
@@ -397,6 +534,9 @@ def load_adapter(model: nn.Module, directory, *, backend: Optional[str] = None) 
     layers: dict = {}
     plans = [_plan_layer(model, family[i], config, mpath, tensors, backend, layers)
              for (i, mpath), tensors in sorted(groups.items(), key=lambda item: item[0][0])]
+    _check_required(plans)
+    tables = [_plan_embedding(model, family[0], config, mpath, tensors, backend) for mpath, tensors in
+              table_groups.items()]
     bias_copies = _plan_biases(model, biases, {mpath for _, mpath in groups})
     # 2. apply (nothing here can fail)
     keep = trainable_adapter_params(model)
@@ -414,6 +554,23 @@ def load_adapter(model: nn.Module, directory, *, backend: Optional[str] = None) 
         for dst, src in bias_copies:
             dst.copy_(src)
             keep.add(id(dst))
+        for plan in tables:
+            layer = plan["layer"]
+            if plan["replaced"] is not None:
+                layer.weight.requires_grad_(False)
+                set_submodule(model, plan["name"], layer)
+            for dst, src in plan["copies"]:
+                dst.copy_(src)
+            layer.assign(plan["parts"])
+            keep.update((id(layer.lora_A), id(layer.lora_B)))
+        for module, copies, own in full_copies:
+            for dst, src in copies:
+                if own:
+                    remember_pretrained(dst)  # the pre-trained values, for count_parameters / delta_penalty
+                dst.copy_(src)
+            if own:
+                save_in_full(module)
+            keep.update(id(p) for p in module.parameters())
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     if biased and config.get("bias", "none") == "all":

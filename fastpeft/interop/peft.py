@@ -9,12 +9,16 @@ keeping the very same Parameter objects (an optimizer built before the conversio
                        ia3_l[a] [N, 1] (others)       ->  IA3Linear.ia3_out [N]
 
 y is unchanged: y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, and y = (x ⊙ s) Wᵀ + b  or
-(x Wᵀ + b) ⊙ s for IA3.  Which peft layer becomes which path, and how its tensors and settings are
-read, is each path's peft mapping (fastpeft.paths: ``peft_tuner``, ``from_peft_layer``); the layer
-is built through the path's ``adopt`` like any other.  Everything is checked before anything
-changes.  The peft wrapper keeps
-working where it can (``disable_adapter``) and raises, naming the fastpeft way, where peft's
-method would silently skip the converted layers (``save_pretrained``, ``merge_and_unload``, ...).
+(x Wᵀ + b) ⊙ s for IA3.  The base layer may be an nn.Linear, a transformers ``Conv1D`` (GPT-2:
+its [K, N] weight Parameter is kept, the layer is ``fan_in_fan_out``) or a bitsandbytes
+``Linear4bit`` (NF4) / ``Linear8bitLt`` (int8) of a QLoRA model (the weight becomes a
+``QuantizedWeight`` over bnb's own storage); any other nn.Linear subclass whose weight is not a
+plain Parameter (another library's packed format) stays on peft's path.  Which peft layer becomes
+which path, and how its tensors and settings are read, is each path's peft mapping (fastpeft.paths:
+``peft_tuner``, ``from_peft_layer``); the layer is built through the path's ``adopt`` like any other.
+Everything is checked before anything changes.  The peft wrapper keeps working where it can
+(``disable_adapter``) and raises, naming the fastpeft way, where peft's method would silently skip
+the converted layers (``save_pretrained``, ``merge_and_unload``, ...).
 
 Reading and writing peft checkpoints (:func:`save_adapter`, :func:`load_adapter`) lives in
 :mod:`fastpeft.interop.checkpoint`; both are re-exported here.  peft is an optional extra
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 import warnings
 import weakref
 from typing import Optional
@@ -32,9 +37,13 @@ import torch
 import torch.nn as nn
 
 from fastpeft.interop.checkpoint import INSTALL_HINT, load_adapter, save_adapter, unwrap_peft
+from fastpeft.methods.heads import is_modules_to_save
+from fastpeft.nn.embedding import LoRAEmbedding
 from fastpeft.nn.inject import set_submodule
-from fastpeft.nn.modules import LAYER_CLASSES, PEFTLinear
+from fastpeft.nn.modules import LAYER_CLASSES, PEFTLinear, is_conv1d
 from fastpeft.paths import PATHS
+from fastpeft.quant.model import attach
+from fastpeft.quant.weight import QuantizedWeight
 
 __all__ = ["from_peft", "save_adapter", "load_adapter"]
 
@@ -56,11 +65,100 @@ def _import_peft():
 
 
 def _peft_layer_paths() -> dict:
-    """{peft's Linear layer class: [the fastpeft paths converting it]} (peft.tuners.<peft_tuner>.Linear)."""
-    return {importlib.import_module(f"peft.tuners.{tuner}").Linear: paths for tuner, paths in _TUNERS.items()}
+    """{peft's Linear layer class: [the fastpeft paths converting it]} (peft.tuners.<peft_tuner>.Linear,
+    and peft's bitsandbytes twins peft.tuners.<peft_tuner>.bnb.Linear4bit / Linear8bitLt, which compute
+    the same over a quantized base, when bitsandbytes is installed)."""
+    kinds = {}
+    for tuner, paths in _TUNERS.items():
+        kinds[importlib.import_module(f"peft.tuners.{tuner}").Linear] = paths
+        try:
+            twins = importlib.import_module(f"peft.tuners.{tuner}.bnb")
+        except ImportError:  # no bitsandbytes (or no bnb layers for this tuner)
+            continue
+        for cls in ("Linear4bit", "Linear8bitLt"):
+            if hasattr(twins, cls):
+                kinds[getattr(twins, cls)] = paths
+    return kinds
+
+
+def _is_bnb_linear(base) -> bool:
+    """A bitsandbytes Linear4bit / Linear8bitLt (an nn.Linear subclass whose weight is packed)."""
+    bnb = sys.modules.get("bitsandbytes.nn")
+    return bnb is not None and isinstance(base, (bnb.Linear4bit, bnb.Linear8bitLt))
+
+
+def _bnb_weight(base) -> QuantizedWeight:
+    """The QuantizedWeight over a bnb layer's storage.  After its first forward a Linear8bitLt keeps
+    the int8 rows as ``weight.data`` and moves CB / SCB off the parameter onto ``base.state``
+    (bnb's init_8bit_state): they are read there."""
+    w = base.weight
+    state = getattr(base, "state", None)
+    if getattr(w, "quant_state", None) is None and getattr(w, "SCB", None) is None \
+            and getattr(state, "SCB", None) is not None and w.dtype == torch.int8:
+        return QuantizedWeight.from_tensors("int8", w.shape, torch.float32, {"CB": w.data, "SCB": state.SCB})
+    return QuantizedWeight.from_bnb(w)
+
+
+def _base_kind(module, base, tuner_layer: type):
+    """How a peft layer's base becomes a fastpeft layer's: ("dense" | "conv1d" | "quantized", detail:
+    the QuantizedWeight for "quantized"), or (None, why it stays on peft's path)."""
+    fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
+    if isinstance(base, tuner_layer):
+        return None, "nested peft layer"
+    if is_conv1d(base):  # transformers Conv1D: weight [K, N]; peft forces fan_in_fan_out=True on it
+        return ("conv1d", None) if fan_in_fan_out else (None, "Conv1D without fan_in_fan_out")
+    if fan_in_fan_out:
+        return None, "fan_in_fan_out"
+    if _is_bnb_linear(base):  # QLoRA: bnb's packed storage, shared (QuantizedWeight.from_bnb)
+        try:
+            return "quantized", _bnb_weight(base)
+        except (TypeError, ValueError) as exc:
+            return None, f"bitsandbytes base fastpeft cannot read: {exc}"
+    if not isinstance(base, nn.Linear):
+        return None, None
+    w = base.weight
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() \
+            or tuple(w.shape) != (base.out_features, base.in_features):
+        # another library's quantized / packed nn.Linear subclass: its weight is not W
+        what = f"{w.dtype} {list(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        return None, f"a weight that is not a dense [out_features, in_features] matrix ({what})"
+    return "dense", None
 
 
 # ----------------------------------------------------------------------------- from_peft
+def _lora_embedding_class() -> type:
+    return importlib.import_module("peft.tuners.lora").Embedding
+
+
+def _embedding(name: str, module, backend: Optional[str]) -> tuple:
+    """What from_peft does with one peft lora.Embedding, checked, nothing changed: ("convert", the
+    LoRAEmbedding holding peft's own lora_embedding_A / _B Parameters), ("plain", its base), ("idle", why
+    it stays) or ("left", why fastpeft has no kernel for it)."""
+    base = module.base_layer
+    if type(base) is not nn.Embedding or base.max_norm is not None or base.sparse:
+        why = "max_norm" if type(base) is nn.Embedding and base.max_norm is not None else \
+            "sparse gradients" if type(base) is nn.Embedding and base.sparse else type(base).__name__
+        return "left", f"{name} (peft lora.Embedding on {type(base).__name__}: {why})"
+    params = module.lora_embedding_A
+    adapter = _active_adapter(name, module, params, "LoRA")
+    if adapter is None:
+        if all(len(getattr(module, n, ())) == 0 for n in module.adapter_layer_names):
+            return "plain", base
+        return "idle", f"{name} (no active adapter; keeps its inactive adapters {sorted(params)})"
+    if module.use_dora.get(adapter, False) or adapter in module.lora_variant:
+        raise NotImplementedError(f"{name}: LoRA variants on embeddings (DoRA, ...) are not supported by fastpeft")
+    if module.lora_bias.get(adapter, False):
+        raise NotImplementedError(f"{name}: lora_bias=True is not supported on embeddings")
+    layer = LoRAEmbedding.build(base, backend=backend)
+    dropout = module.lora_dropout[adapter]
+    parts = layer.adopt(module.lora_embedding_A[adapter], module.lora_embedding_B[adapter],
+                        alpha=float(module.lora_alpha[adapter]), use_rslora=bool(module.use_rslora.get(adapter, False)),
+                        dropout=float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+                        scale=float(module.scaling[adapter]))
+    layer.assign(parts)  # the layer is not in the model yet
+    return "convert", layer
+
+
 def _active_adapter(name: str, layer, params: dict, method: str) -> Optional[str]:
     """The one active adapter of a peft layer (None: no active adapter here, a plain layer).
 
@@ -88,14 +186,20 @@ def _active_adapter(name: str, layer, params: dict, method: str) -> Optional[str
     return adapter
 
 
-def _convert(name: str, peft_layer, adapter: str, paths: list, backend: Optional[str], config) -> tuple:
+def _convert(name: str, peft_layer, adapter: str, paths: list, backend: Optional[str], config, kind: str = "dense",
+             qw: Optional[QuantizedWeight] = None) -> tuple:
     """The fastpeft layer for one peft layer, built off the model: (layer, [(attribute, peft's
     Parameter, fastpeft's shape)] still to attach).  Every path of the layer's tuner reads its part
     (``from_peft_layer``; None: not on this layer) and is added through its ``adopt``, with the same
     Parameter objects (requires_grad untouched); one whose peft layout differs (IA3's [1, K] /
     [N, 1]) is added as a view now and reshaped in place by ``_attach`` once every layer passed."""
     base = peft_layer.base_layer
-    new = LAYER_CLASSES.get(paths[0].name, PEFTLinear)(base.weight, base.bias, backend=backend)
+    cls = LAYER_CLASSES.get(paths[0].name, PEFTLinear)
+    if kind == "quantized":  # qw: QuantizedWeight over bnb's storage; the layer is built on a meta stand-in
+        new = cls(torch.empty(qw.shape, dtype=qw.dtype, device="meta"), base.bias, backend=backend)
+        attach(new, qw)
+    else:  # the base's own Parameters (a Conv1D's [K, N] weight kept as it is: fan_in_fan_out)
+        new = cls(base.weight, base.bias, backend=backend, fan_in_fan_out=kind == "conv1d")
     pending = []
     for path in paths:
         found = path.from_peft_layer(name, peft_layer, adapter, config)
@@ -250,7 +354,7 @@ def _adapters_disabled(peft_model):
     Trained biases stay, as in peft.  Merged fastpeft layers raise (their weight holds the adapter)."""
     BaseTunerLayer, AuxiliaryTrainingWrapper = _import_peft()
     root = unwrap_peft(peft_model)
-    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, PEFTLinear)]
+    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, (PEFTLinear, LoRAEmbedding))]
     merged = [n for n, m in layers if m.merged]
     if merged:
         raise RuntimeError(f"disable_adapter(): fastpeft layers {merged[:3]} are merged (their weights hold the "
@@ -300,6 +404,12 @@ def from_peft(peft_model: nn.Module, *, backend: Optional[str] = None, optimizer
     flags, so an optimizer built before the conversion keeps training them; outputs are unchanged
     (in train mode the LoRA dropout mask is fastpeft's own, so only its distribution matches).
 
+    A ``peft.tuners.lora.Embedding`` on a plain ``nn.Embedding`` becomes a :class:`fastpeft.LoRAEmbedding`
+    holding peft's own ``lora_embedding_A`` [r, V] / ``lora_embedding_B`` [N, r] Parameters and scale.
+    A ``modules_to_save`` wrapper (peft's ``ModulesToSaveWrapper``) stays as it is, without a warning:
+    its forward runs the active trained copy, which keeps training, and :func:`save_adapter` writes
+    that copy in peft's format.
+
     IA3 vectors keep their Parameter object but are reshaped from peft's [N, 1] / [1, K] to [N] /
     [K] (a view of the same storage).  Optimizer state already created for them (e.g. Adam
     moments after a step) must follow: pass ``optimizer=`` and it is reshaped too.  Converting
@@ -312,12 +422,20 @@ def from_peft(peft_model: nn.Module, *, backend: Optional[str] = None, optimizer
     a peft layer that stays on peft's path (MultiheadAttention's inner ``out_proj`` LoRA, a
     ``modules_to_save`` copy) is left alone.
 
-    Unsupported peft features raise ``NotImplementedError`` naming the feature: DoRA and other
-    LoRA variants, ``lora_bias``, several active adapters (or several adapters loaded on a layer),
-    disabled or merged adapters.  Layers fastpeft has no kernel for (LoRA/IA3 on Embedding or
-    Conv layers, GPT-2 style Conv1D base layers, quantized base layers, other peft methods) and
-    ``modules_to_save`` wrappers stay on peft's path, with a warning.  When it raises, nothing has
-    changed.
+    Base layers: ``nn.Linear``; transformers ``Conv1D`` (GPT-2 / GPT-J style, weight [K, N]; peft's
+    ``fan_in_fan_out``): the layer keeps that Parameter and runs the op on its transposed view, no
+    copy; bitsandbytes ``Linear4bit`` (NF4) and ``Linear8bitLt`` (int8) under peft's ``lora.Linear``
+    or its ``lora.bnb`` layers (a QLoRA model): the weight becomes
+    ``fastpeft.QuantizedWeight.from_bnb(base.weight)``, sharing bnb's packed storage (a
+    Linear8bitLt's CB / SCB are read where bnb keeps them after a forward).  ``lora_bias=True``
+    (a bias on lora_B) becomes the layer's ``lora_bias`` (the same Parameter).
+
+    Unsupported peft features raise ``NotImplementedError`` naming the feature: LoRA variants other
+    than DoRA, several active adapters (or several adapters loaded on a layer), disabled or merged
+    adapters.  Layers fastpeft has no kernel for (IA3 on Embedding, LoRA/IA3 on Conv layers, bnb
+    FP4 bases, an NF4 weight bnb repacked for its CPU inference kernel, other quantized linears,
+    other peft methods) and trainable-token wrappers stay on peft's path, with a warning naming the
+    reason.  When it raises, nothing has changed.
 
     The peft wrapper (PeftModel / LoraModel / IA3Model) shares the converted module tree; its
     methods that would silently skip the converted layers are replaced on that object by ones
@@ -354,19 +472,29 @@ def from_peft(peft_model: nn.Module, *, backend: Optional[str] = None, optimizer
         if owned is not None and name.startswith(owned):
             continue  # inside a peft layer (converted, or left on peft's path): that layer's business
         if isinstance(module, AuxiliaryTrainingWrapper):
-            left.append(f"{name} ({type(module).__name__}: modules_to_save / trainable tokens)")
+            # modules_to_save: peft's wrapper stays as it is (its forward runs the active trained copy,
+            # which trains; save_adapter writes it in peft's format); trainable tokens: peft's path
+            if not is_modules_to_save(module):
+                left.append(f"{name} ({type(module).__name__}: trainable tokens)")
             owned = f"{name}."
             continue
         if not isinstance(module, BaseTunerLayer):
             continue
         owned = f"{name}."
-        fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
+        if type(module) is _lora_embedding_class():  # peft lora.Embedding -> LoRAEmbedding (fastpeft.nn.embedding)
+            outcome, value = _embedding(name, module, backend)
+            if outcome == "convert":
+                replacements.append((name, value, []))
+            else:
+                {"plain": plain, "idle": idle, "left": left}[outcome].append((name, value) if outcome == "plain"
+                                                                              else value)
+            continue
         base = getattr(module, "base_layer", None)
-        plain_base = isinstance(base, nn.Linear) and not fan_in_fan_out and not isinstance(base, BaseTunerLayer)
-        paths = kinds.get(type(module)) if plain_base else None
+        kind, detail = _base_kind(module, base, BaseTunerLayer)
+        paths = kinds.get(type(module)) if kind is not None else None
         if paths is None:
             left.append(f"{name} ({type(module).__module__}.{type(module).__name__} on "
-                        f"{type(base).__name__}{', fan_in_fan_out' if fan_in_fan_out else ''})")
+                        f"{type(base).__name__}{f', {detail}' if kind is None and detail else ''})")
             continue
         params = getattr(module, paths[0].peft_adapters)
         adapter = _active_adapter(name, module, params, paths[0].label)
@@ -376,7 +504,8 @@ def from_peft(peft_model: nn.Module, *, backend: Optional[str] = None, optimizer
             else:
                 idle.append(f"{name} (no active adapter; keeps its inactive adapters {sorted(params)})")
         else:
-            replacements.append((name, *_convert(name, module, adapter, paths, backend, configs.get(adapter))))
+            replacements.append((name, *_convert(name, module, adapter, paths, backend, configs.get(adapter), kind,
+                                                 detail if kind == "quantized" else None)))
     # Every layer passed its checks: only now is anything the user owns changed.
     reshaped = []
     for name, new, pending in replacements:

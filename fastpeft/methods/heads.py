@@ -10,6 +10,15 @@ Heads hold their parameters directly (``weight``/``bias`` and, with a hidden lay
 ``dense_weight``/``dense_bias``), counted as "weight"/"bias" by ``count_parameters``.
 Class-count mismatches (labels out of range, a label map or checkpoint of another size) raise
 ValueError saying both numbers.
+
+Modules saved in full with an adapter (peft's ``modules_to_save``): a module marked by
+``save_in_full`` (``ModelWithHead``'s head; the modules ``LoRAConfig(modules_to_save=[...])`` and
+the other configs name, trained in place by ``fastpeft.inject``) is written by
+``fastpeft.save_adapter`` exactly as peft writes a ``modules_to_save`` module: its state_dict under
+``base_model.model.<path>.<key>`` and ``<path>`` in the config's ``modules_to_save`` list, so
+``PeftModel.from_pretrained`` restores it (and ``fastpeft.load_adapter`` copies it back in place).
+A peft ``ModulesToSaveWrapper`` left in a model by ``fastpeft.from_peft`` is saved the same way
+(its active trained copy).
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastpeft.core.validation import check_positive_int
 from fastpeft.methods.adapters import BottleneckAdapter
@@ -194,6 +204,7 @@ class ModelWithHead(nn.Module):
             raise ValueError(f"the backbone's config has {len(id2label)} labels but the head has "
                              f"{head.num_classes} classes")
         self.backbone, self.head = backbone, head
+        save_in_full(head)  # save_adapter writes the head as peft's modules_to_save
         if freeze_backbone:
             def is_peft(m):
                 return (isinstance(m, (PEFTLinear, BottleneckAdapter))
@@ -215,3 +226,42 @@ class ModelWithHead(nn.Module):
         if labels is None:
             return logits
         return self.head.loss(logits, labels), logits
+
+
+# ----------------------------------------------------------------------------- modules saved in full
+_SAVED_IN_FULL = WeakIdKeyDictionary()  # module -> True, as long as the module lives
+
+
+def save_in_full(module: nn.Module) -> None:
+    """Mark ``module`` to be saved in full by ``fastpeft.save_adapter`` (peft's ``modules_to_save``)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    _SAVED_IN_FULL[module] = True
+
+
+def is_modules_to_save(module: nn.Module) -> bool:
+    """Whether ``module`` is peft's ``ModulesToSaveWrapper`` (peft is not imported)."""
+    return type(module).__name__ == "ModulesToSaveWrapper" and type(module).__module__.startswith("peft.")
+
+
+def saved_copy(module: nn.Module) -> Optional[nn.Module]:
+    """What is saved for ``module``: itself when marked by ``save_in_full``, the active trained copy of a
+    peft ``ModulesToSaveWrapper``, else None."""
+    if is_modules_to_save(module):
+        active = [a for a in module.active_adapters if a in module.modules_to_save]
+        return module.modules_to_save[active[0]] if len(active) == 1 else None
+    return module if module in _SAVED_IN_FULL else None
+
+
+def modules_saved_in_full(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """[(path in ``model``, the module whose state_dict is saved)], outermost first; a marked module
+    inside another one saved in full is part of it."""
+    found, prefix = [], None
+    for name, module in model.named_modules():
+        if prefix is not None and name.startswith(prefix):
+            continue
+        copy = saved_copy(module)
+        if copy is not None and name:
+            found.append((name, copy))
+            prefix = f"{name}."
+    return found

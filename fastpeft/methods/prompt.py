@@ -222,6 +222,15 @@ def extend_attention_mask(mask: Optional[Tensor], n: int) -> Optional[Tensor]:
     return torch.cat([pad, mask], dim=-1)
 
 
+def causal_prefix_mask(length: int, n: int, dtype: torch.dtype, device) -> Tensor:
+    """The additive mask [1, 1, L, n + L] of a causal layer with n prefix keys: every query attends to
+    the prefix and, causally, to the real keys (query i to keys j <= i + n; 0 there, the dtype's
+    minimum elsewhere, as transformers writes masks)."""
+    allowed = torch.ones(length, n + length, dtype=torch.bool, device=device).tril(diagonal=n)
+    mask = torch.zeros(length, n + length, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     found = []
     for name, module in model.named_modules():
@@ -280,10 +289,20 @@ class _PrefixHook:
         kwargs = dict(kwargs)
         kwargs[self.cache_arg] = _PrefixCache(key.unsqueeze(0), value.unsqueeze(0))
         n = owner.num_virtual_tokens
-        if "attention_mask" in kwargs:
-            kwargs["attention_mask"] = extend_attention_mask(kwargs["attention_mask"], n)
-        elif len(args) > 1 and isinstance(args[1], Tensor):
-            args = (args[0], extend_attention_mask(args[1], n), *args[2:])
+        positional = "attention_mask" not in kwargs and len(args) > 1
+        mask = args[1] if positional else kwargs.get("attention_mask")
+        if mask is None and getattr(module, "is_causal", False):
+            # No mask: transformers leaves causality to the attention kernel (SDPA's is_causal), which
+            # aligns the causal band to the top-left corner of the now n-longer key axis and would hide
+            # the real keys from the queries.  Give it the explicit mask instead.
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            mask = causal_prefix_mask(hidden.shape[-2], n, hidden.dtype, hidden.device)
+        elif isinstance(mask, Tensor):
+            mask = extend_attention_mask(mask, n)
+        if positional:
+            args = (args[0], mask, *args[2:])
+        elif mask is not None or "attention_mask" in kwargs:
+            kwargs["attention_mask"] = mask
         return args, kwargs
 
 

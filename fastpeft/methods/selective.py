@@ -108,7 +108,7 @@ def _work_dtype(*ts) -> torch.dtype:
 def _dense_rows(layer, rows: slice, dtype) -> torch.Tensor:
     """ΔW[rows] = diag(ℓ_out)(W+S)diag(ℓ_in) + s·BA − W for a block of rows, differentiable in the
     adapters: the paths' merged-weight formula (fastpeft.paths.merged_rows) minus the frozen rows."""
-    w = layer.weight.detach()[rows].to(dtype)
+    w = layer.weight_nk.detach()[rows].to(dtype)
     return merged_rows(layer, w, rows) - w
 
 
@@ -123,7 +123,7 @@ def _peft_linear_penalty(name: str, layer, kind: str) -> torch.Tensor:
         closed = paths[0].penalty_alone(layer, kind, dtype)
         if closed is not NotImplemented:
             return closed
-    n, k = layer.weight.shape
+    n, k = layer.out_features, layer.in_features
     step = max(1, _CHUNK_ELEMENTS // max(1, k))
     return sum(measure(_dense_rows(layer, slice(i, min(n, i + step)), dtype), kind) for i in range(0, n, step))
 

@@ -15,6 +15,7 @@ import torch
 
 from fastpeft.nn.config import SparseConfig
 from fastpeft.nn.inject import target_names
+from fastpeft.nn.modules import is_conv1d
 from fastpeft.paths.sparse_index import SELECTIONS, count_for_density, select_sparse_indices
 
 __all__ = ["SELECTIONS", "count_for_density", "select_sparse_indices", "accumulate_squared_gradients",
@@ -104,7 +105,13 @@ def accumulate_squared_gradients(model: torch.nn.Module, batches: Iterable, targ
             p.grad = grad
     if seen_batches == 0:
         raise ValueError("batches is empty: gradient selection needs at least one batch")
-    return {name: scores[id(w)] for name, w in weights.items()}
+    # [N, K] per layer: a transposed base (transformers Conv1D, fan_in_fan_out) stores [K, N]
+    return {name: scores[id(w)].t() if _transposed(model.get_submodule(name)) else scores[id(w)]
+            for name, w in weights.items()}
+
+
+def _transposed(module) -> bool:
+    return bool(getattr(module, "fan_in_fan_out", False)) or is_conv1d(module)
 
 
 def select_sparse_by_gradient(model: torch.nn.Module, batches: Iterable, config,
@@ -132,7 +139,8 @@ def select_sparse_by_gradient(model: torch.nn.Module, batches: Iterable, config,
     scores = accumulate_squared_gradients(model, batches, config.target_modules, loss_fn)
     out = {}
     for name, score in scores.items():
-        weight = model.get_submodule(name).weight
+        module = model.get_submodule(name)
+        weight = module.weight.t() if _transposed(module) else module.weight  # [N, K], as the scores
         out[name] = select_sparse_indices(weight, config.density, "gradient", seed=config.seed, scores=score,
                                           block=config.block)
     return out

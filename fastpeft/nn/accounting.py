@@ -90,7 +90,8 @@ class _Unmerged:
     """
 
     def __init__(self, layer):
-        w = layer.weight.detach()
+        w = layer.weight_nk  # [N, K] (for a transposed Conv1D base: a view of its [K, N] storage)
+        w = w.detach() if isinstance(w, torch.Tensor) else w.dequantize()  # a quantized base: its values
         b = layer.bias.detach() if layer.bias is not None else None
         if not layer.merged:
             self.weight, self.bias, self.w_tol, self.b_tol = w, b, None, None
@@ -110,6 +111,11 @@ class _Unmerged:
             bb = torch.where(known, b.double() / torch.where(known, s_out, torch.ones_like(s_out)),
                              torch.zeros_like(s_out))
             self.bias, self.b_known, self.b_tol = bb, known, 8 * eps * bb.abs()
+
+
+def _stored(layer, *ts) -> tuple:
+    """[N, K] tensors (None passes) in the layout the layer stores its weight in ([K, N] for fan_in_fan_out)."""
+    return tuple(t.t() if t is not None and layer.fan_in_fan_out else t for t in ts)
 
 
 def _reference_of(param: torch.Tensor, baseline: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -153,6 +159,7 @@ def _delta_rank(name: str, layer, unmerged, baseline: Optional[torch.Tensor]) ->
         w0 = pre.weight
         if pre.w_known is not None and not bool(pre.w_known.all()):
             ref = _reference_of(layer.weight, baseline)
+            ref = ref.t() if ref is not None and layer.fan_in_fan_out else ref  # stored [K, N]: as pre.weight
             if ref is None:
                 warnings.warn(f"count_parameters: the rank of {name or 'the layer'}'s weight difference is unknown "
                               "(merged with IA3 scales equal to 0, which erased pre-trained entries); pass "
@@ -195,7 +202,8 @@ def _peft_linear_counts(name: str, layer, counts: dict, ranks: Optional[dict], b
     base_w = baseline.get(f"{name}.weight" if name else "weight")
     if "weight" in own:  # a weight tied to an earlier module was counted there
         counts[category_of(layer, "weight")]["changed"] += _count_changed(
-            layer.weight, base_w, (lambda: (pre().weight, pre().w_known, pre().w_tol)) if merged else None)
+            layer.weight, base_w,
+            (lambda: _stored(layer, pre().weight, pre().w_known, pre().w_tol)) if merged else None)
     if layer.bias is not None and "bias" in own:
         base_b = baseline.get(f"{name}.bias" if name else "bias")
         counts[category_of(layer, "bias")]["changed"] += _count_changed(

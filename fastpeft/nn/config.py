@@ -48,6 +48,11 @@ class LoRAConfig:
     bias: "none" (biases frozen), "all" (every bias in the model trains), "lora_only" (biases of
     the adapted layers train).  use_dora: DoRA on top of LoRA (a trainable magnitude per output row,
     fastpeft.paths.dora).  modules_to_save: extra module names kept trainable (e.g. a head).
+    lora_bias: a trainable bias on lora_B (peft's ``lora_bias``): y += s·lora_bias, zeros at init;
+    merge folds it into the base bias (a layer without a bias cannot be merged, as in peft).
+    fan_in_fan_out: the targets' weight layout, as peft's flag; None (the default) detects it per
+    layer: transformers ``Conv1D`` layers (GPT-2, weight [K, N]) are transposed, nn.Linear is not.
+    A value that contradicts a target's type is corrected with a warning, as peft does.
     target_modules None adapts every nn.Linear except one whose weight is tied to another module
     (an output layer sharing the input embeddings), as peft's "all-linear" leaves the output layer
     out; the same default holds for every config (see fastpeft.nn.inject).
@@ -62,6 +67,8 @@ class LoRAConfig:
     modules_to_save: Optional[list[str]] = None
     backend: Optional[str] = None
     use_dora: bool = False
+    lora_bias: bool = False
+    fan_in_fan_out: Optional[bool] = None
     path: ClassVar[str] = "lora"
 
     def __post_init__(self):
@@ -73,6 +80,12 @@ class LoRAConfig:
         check_targets(self.target_modules)
         if not isinstance(self.use_dora, bool):
             raise TypeError(f"use_dora must be True or False, got {self.use_dora!r}")
+        if not isinstance(self.lora_bias, bool):
+            raise TypeError(f"lora_bias must be True or False, got {self.lora_bias!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True cannot be combined with use_dora=True (peft refuses it too)")
+        if self.fan_in_fan_out is not None and not isinstance(self.fan_in_fan_out, bool):
+            raise TypeError(f"fan_in_fan_out must be True, False or None (detect), got {self.fan_in_fan_out!r}")
 
     @property
     def trains_all_biases(self) -> bool:
@@ -81,7 +94,8 @@ class LoRAConfig:
 
     def layer_paths(self, name: str, layer) -> list[tuple[str, dict]]:
         """LoRA on every target; with bias="lora_only" also BitFit on targets that have a bias."""
-        lora = ("lora", dict(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora))
+        lora = ("lora", dict(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
+                             lora_bias=self.lora_bias))
         dora = [("dora", {"with_lora": True})] * self.use_dora  # DoRA: a magnitude per row, on LoRA
         return [lora] + dora + [("bitfit", {})] * (self.bias == "lora_only" and layer.bias is not None)
 

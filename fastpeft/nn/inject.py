@@ -25,8 +25,10 @@ import torch
 import torch.nn as nn
 
 from fastpeft.methods.adapters import adapter_of, attach_adapter, is_adapter_hook
+from fastpeft.methods.heads import save_in_full
 from fastpeft.nn.config import BitFitConfig, IA3Config, LoRAConfig, SparseConfig, matches
-from fastpeft.nn.modules import LAYER_CLASSES, PEFTLinear
+from fastpeft.nn.embedding import LoRAEmbedding, embedding_plans, embeddings_to_merge
+from fastpeft.nn.modules import LAYER_CLASSES, PEFTLinear, is_conv1d
 from fastpeft.nn.pretrained import freeze_all_but_adapters, train_in_place
 from fastpeft.paths import get as get_path
 from fastpeft.paths import weight_paths
@@ -48,7 +50,7 @@ def _adaptable(module: nn.Module) -> bool:
     # replacing it would bypass the adapter silently, so it is never a target.
     if type(module).__name__ == "NonDynamicallyQuantizableLinear":
         return False
-    return isinstance(module, (nn.Linear, PEFTLinear))
+    return isinstance(module, (nn.Linear, PEFTLinear)) or is_conv1d(module)
 
 
 # ----------------------------------------------------------------------------- tied weights
@@ -114,9 +116,11 @@ def check_replaceable(name: str, module: nn.Module) -> None:
 
 def replacement(name: str, module: nn.Module, path: str, backend: Optional[str]) -> PEFTLinear:
     """The fastpeft layer (of ``path``'s class) that will replace the plain linear ``module`` at
-    ``name``: same weight and bias objects, nothing changed yet (see ``swap_in``)."""
+    ``name``: same weight and bias objects, nothing changed yet (see ``swap_in``).  A transformers
+    Conv1D keeps its [K, N] weight (``fan_in_fan_out``)."""
     check_replaceable(name, module)
-    return LAYER_CLASSES.get(path, PEFTLinear)(module.weight, module.bias, backend=backend)
+    return LAYER_CLASSES.get(path, PEFTLinear)(module.weight, module.bias, backend=backend,
+                                               fan_in_fan_out=is_conv1d(module))
 
 
 def swap_in(model: nn.Module, name: str, layer: PEFTLinear, replaced: nn.Module) -> None:
@@ -142,7 +146,10 @@ def inject(model: nn.Module, config) -> nn.Module:
 
     Every parameter the method does not train is frozen.  Raises ValueError when nothing matches;
     when it raises, the model is exactly as it was.  ``target_modules=None`` selects every linear
-    layer except tied ones (see the module doc).  Configs that carry their own placement logic (an
+    layer except tied ones (see the module doc); a LoRAConfig whose ``target_modules`` name an
+    ``nn.Embedding`` puts LoRA on it too (fastpeft.LoRAEmbedding, peft's lora.Embedding), and the
+    modules its ``modules_to_save`` names train in place and are saved in full by save_adapter.
+    Configs that carry their own placement logic (an
     ``inject(model)`` method, e.g. AdapterConfig) are delegated to.
     """
     if hasattr(config, "inject"):
@@ -153,7 +160,8 @@ def inject(model: nn.Module, config) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = target_names(model, config.target_modules)
-    if not names and not config.trains_all_biases:
+    embeddings = embedding_plans(model, config)  # LoRA on nn.Embedding targets, checked (fastpeft.nn.embedding)
+    if not names and not embeddings and not config.trains_all_biases:
         raise ValueError(f"target_modules={config.target_modules!r} matched no nn.Linear in the model")
 
     # 1. check every target; nothing in the model changes and nothing is drawn
@@ -171,6 +179,12 @@ def inject(model: nn.Module, config) -> nn.Module:
                 raise
             raise type(exc)(f"layer {name!r}: {exc}") from None
         plans.append(plan)
+    layout = getattr(config, "fan_in_fan_out", None)  # LoRAConfig: None detects; a contradiction warns (as peft)
+    wrong = [p.name for p in plans if layout is not None and p.layer.fan_in_fan_out != layout]
+    if wrong:
+        warnings.warn(f"fan_in_fan_out={layout} but {wrong[:3]} {'are' if len(wrong) > 1 else 'is'} "
+                      f"{'nn.Linear' if layout else 'transformers Conv1D'}: using fan_in_fan_out="
+                      f"{not layout} there (the layout is the layer's)", stacklevel=2)
     if config.target_modules is not None and get_path(config.path).changes_weight:
         tied = tied_layers(model)
         for name in (n for n in names if n in tied):
@@ -182,6 +196,8 @@ def inject(model: nn.Module, config) -> nn.Module:
         for step in plan.steps:
             if step[2] is None:
                 step[2] = step[0].parts(plan.layer, **step[1])
+    for emb in embeddings:
+        emb.build()
     # 3. assign (nothing here can fail)
     freeze_all_but_adapters(model)
     for plan in plans:
@@ -189,6 +205,8 @@ def inject(model: nn.Module, config) -> nn.Module:
             path.assign(plan.layer, parts)
         if plan.replaces is not None:
             swap_in(model, plan.name, plan.layer, plan.replaces)
+    for emb in embeddings:
+        emb.assign(model)
     if config.trains_all_biases:
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
@@ -197,6 +215,7 @@ def inject(model: nn.Module, config) -> nn.Module:
         if name and config.modules_to_save and matches(name, config.modules_to_save):
             for p in module.parameters():
                 train_in_place(p)
+            save_in_full(module)  # save_adapter writes it as peft's modules_to_save
     return model
 
 
@@ -215,14 +234,21 @@ def merge(model: nn.Module) -> nn.Module:
                          "module too (tie_word_embeddings). Keep the model unmerged (it computes the same outputs), "
                          "or untie first: layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), "
                          "requires_grad=False)")
+    unfoldable = [n for n, m in todo if m.bias is None and any(p.bias_shift(m) is not None for p in weight_paths(m))]
+    if unfoldable:
+        raise RuntimeError(f"cannot merge {unfoldable[:3]}: their lora_bias has no base bias to fold into (the layers "
+                           "have none); peft cannot merge them either. Keep the model unmerged; nothing was merged")
+    tables = embeddings_to_merge(model)  # LoRAEmbedding layers (refused, nothing merged, when tied)
     for _, module in todo:
         module.merge()
+    for table in tables:
+        table.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Unmerge every merged fastpeft layer of ``model``."""
     for module in model.modules():
-        if isinstance(module, PEFTLinear) and module.merged:
+        if isinstance(module, (PEFTLinear, LoRAEmbedding)) and module.merged:
             module.unmerge()
     return model

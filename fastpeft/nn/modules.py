@@ -7,6 +7,13 @@ sparse values zeros), so a freshly built layer computes exactly what the nn.Line
 Attribute names match the op's arguments: ``weight``, ``bias``, ``lora_A`` [r, K], ``lora_B``
 [N, r], ``ia3_in`` [K], ``ia3_out`` [N], ``sparse_index`` (buffer), ``sparse_value``.
 
+Transposed bases (``fan_in_fan_out``): transformers' ``Conv1D`` (GPT-2, GPT-J) stores its weight
+[K, N] and computes y = x W + b.  The layer keeps that very Parameter as ``weight`` (state_dict
+keys and shapes unchanged) and hands the op, and every path, its [N, K] view ``weight.t()``
+(``weight_nk``): no copy, the kernels take the strides (C++ through at::addmm/mm of the transposed
+operand, Triton by strides, the reference through F.linear).  merge/unmerge write that view, i.e.
+the [K, N] storage, in place.
+
 The layer knows no path by name: adding one is ``path.parts`` + ``path.assign``; forward passes
 every carried path's ``op_kwargs``; merge/unmerge/delta_weight apply the paths' one formula
 (fastpeft.paths.merged_rows).  Which paths take part in the op is cached on the layer and
@@ -14,6 +21,7 @@ recomputed whenever one of their attributes is set, so forward costs one short l
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Optional
@@ -33,24 +41,35 @@ _OP_CALLS: dict = {}  # (fields, eval values) -> call(layer, x), one per combina
 def _op_call(key) -> Callable:
     """``call(layer, x)``: ``peft_linear(x, layer.weight, layer.bias, backend=layer.backend, <keyword>=
     layer.<attribute>, ...)`` for the (keyword, attribute) pairs ``key[0]``; keywords in ``key[1]``
-    take the given value in eval mode.  Generated once per combination of paths (as dataclasses
-    generate __init__), so a forward reads each attribute once and calls no path code."""
-    fields, eval_values = key
+    take the given value in eval mode; ``key[2]``: the weight is stored [K, N] (passed as
+    ``weight.t()``, a view).  Generated once per combination of paths (as dataclasses generate
+    __init__), so a forward reads each attribute once and calls no path code."""
+    fields, eval_values, transposed = key
     evals = dict(eval_values)
     if not all(k.isidentifier() and a.isidentifier() for k, a in fields):
         raise ValueError(f"op fields must be identifiers, got {fields}")
     args = "".join(f", {k}=self.{a}" if k not in evals else f", {k}=(self.{a} if self.training else {evals[k]!r})"
                    for k, a in fields)
     namespace: dict = {}
-    exec(f"def call(self, x):\n    return peft_linear(x, self.weight, self.bias, backend=self.backend{args})\n",
+    weight = "self.weight.t()" if transposed else "self.weight"
+    exec(f"def call(self, x):\n    return peft_linear(x, {weight}, self.bias, backend=self.backend{args})\n",
          globals(), namespace)
     _OP_CALLS[key] = namespace["call"]
     return namespace["call"]
 
 
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (weight [K, N], y = x W + b: GPT-2 style).
+
+    transformers is not imported for this: a module of that class means it is loaded already."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def _check_linear(linear) -> None:
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+    if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+        raise TypeError(f"linear must be a torch.nn.Linear (or a transformers Conv1D), got {type(linear).__name__}")
 
 
 class PEFTLinear(nn.Module):
@@ -61,14 +80,20 @@ class PEFTLinear(nn.Module):
     """
 
     PARAM_CATEGORIES = {"weight": "weight", "bias": "bias", **CATEGORIES}
+    fan_in_fan_out = False  # the weight's layout (set per layer; the default for layers pickled before it)
 
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter] = None, backend: Optional[str] = None):
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter] = None, backend: Optional[str] = None,
+                 fan_in_fan_out: bool = False):
         super().__init__()
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
+            raise ValueError("weight must be a 2-D tensor [out_features, in_features] ([in_features, out_features] "
+                             "with fan_in_fan_out=True)")
+        if not isinstance(fan_in_fan_out, bool):
+            raise TypeError(f"fan_in_fan_out must be True or False, got {fan_in_fan_out!r}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
-        self.out_features, self.in_features = weight.shape
+        self.fan_in_fan_out = fan_in_fan_out  # weight stored [K, N] (transformers Conv1D); the op gets weight.t()
+        self.out_features, self.in_features = reversed(weight.shape) if fan_in_fan_out else weight.shape
         self.backend = backend
         for path in PATHS:  # every path absent: its tensors None, its attributes at their defaults
             for name in path.slots:
@@ -92,8 +117,23 @@ class PEFTLinear(nn.Module):
         carried = [p for p in PATHS if p.present(self)]
         fields = tuple(f for p in carried for f in p.op_fields(self))
         eval_values = tuple((k, v) for p in carried for k, v in p.eval_values.items())
-        key = (fields, eval_values)
+        key = (fields, eval_values, self.__dict__.get("fan_in_fan_out", False))
         self.__dict__["_op_call"] = _OP_CALLS.get(key) or _op_call(key)
+
+    def _apply(self, fn, recurse=True):
+        # A quantized base (fastpeft.quantize) keeps its storage dtypes and is rebuilt over the moved
+        # buffers: QuantizedWeight.module_apply (fastpeft/quant/weight.py) around nn.Module's _apply.
+        base = self.__dict__.get("weight")
+        if base is None or isinstance(base, torch.Tensor):
+            return super()._apply(fn, recurse)
+        return base.module_apply(self, fn, lambda f: super(PEFTLinear, self)._apply(f, recurse))
+
+    @property
+    def weight_nk(self):
+        """The frozen weight as [out_features, in_features]: ``weight`` itself, or its transposed view
+        ``weight.t()`` (no copy) for a fan_in_fan_out base stored [K, N].  Paths, merge and
+        accounting read and write W through it."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def __getstate__(self):  # the generated call is rebuilt on unpickling (functions made by exec do not pickle)
         state = self.__dict__.copy()
@@ -112,6 +152,8 @@ class PEFTLinear(nn.Module):
                     seed: int = 0, backend: Optional[str] = None, **options) -> PEFTLinear:
         """Wrap ``linear`` (its weight and bias are reused, and frozen) with the chosen paths.
 
+        ``linear`` is an nn.Linear or a transformers ``Conv1D`` (kept [K, N]: ``fan_in_fan_out``).
+
         r, alpha, dropout, use_rslora: LoRA of rank r (r = 0: none), scale alpha/r or alpha/sqrt(r).
         ia3: None, "in", "out" or "both".  train_bias: BitFit (a zero bias is added if the layer has none).
         density, selection, block, seed: a sparse delta over that fraction of W's entries.
@@ -126,7 +168,7 @@ class PEFTLinear(nn.Module):
                             f"{sorted(_LINEAR_KEYWORDS)}")
         kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, ia3=ia3, train_bias=train_bias,
                   density=density, selection=selection, block=block, seed=seed, **options)
-        layer = cls(linear.weight, linear.bias, backend=backend)
+        layer = cls(linear.weight, linear.bias, backend=backend, fan_in_fan_out=is_conv1d(linear))
         chosen = [(p, opts) for p in PATHS if (opts := p.linear_options(kw)) is not None]
         built = [(p, p.parts(layer, **opts)) for p, opts in chosen]
         # linear's own tensors change (frozen) only once every path was built
@@ -183,7 +225,7 @@ class PEFTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged:
-            return peft_linear(x, self.weight, self.bias, backend=self.backend)
+            return peft_linear(x, self.weight_nk, self.bias, backend=self.backend)
         return self._op_call(self, x)
 
     # ----------------------------------------------------------------- merge
@@ -198,11 +240,11 @@ class PEFTLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """Effective W' - W in fp32 (dense [N, K]): what merge() adds to the weight."""
-        self._check_dense_base("delta_weight()")
         if self._merged:
             raise RuntimeError("delta_weight() needs the unmerged weight; call unmerge() first")
         with torch.no_grad():
-            w = self.weight.float()
+            w = self.weight_nk  # a quantized base: its dequantized values (read only; ΔW is [N, K] anyway)
+            w = (w if isinstance(w, torch.Tensor) else w.dequantize()).float()
             return merged_rows(self, w.clone(), self._rows(), inplace=True) - w
 
     def merge(self) -> None:
@@ -215,12 +257,19 @@ class PEFTLinear(nn.Module):
             warnings.warn("layer is already merged; merge() did nothing", stacklevel=2)
             return
         self._check_dense_base("merge()")
+        shifted = [p.label for p in weight_paths(self) if p.bias_shift(self) is not None]
+        if shifted and self.bias is None:
+            raise RuntimeError(f"merge(): the {shifted[0]} bias (lora_bias) has no base bias to fold into (this layer "
+                               "has none); peft cannot merge it either: keep the layer unmerged")
         with torch.no_grad():
-            self.weight.copy_(merged_rows(self, self.weight.float(), self._rows(), inplace=True))
+            w = self.weight_nk  # [N, K] (a view of the [K, N] storage for fan_in_fan_out)
+            w.copy_(merged_rows(self, w.float(), self._rows(), inplace=True))
             for path in weight_paths(self):
-                scale = path.bias_scale(self)
+                scale, shift = path.bias_scale(self), path.bias_shift(self)
                 if scale is not None and self.bias is not None:
                     self.bias.copy_(self.bias.float() * scale.float())
+                if shift is not None:
+                    self.bias.copy_(self.bias.float() + shift.float())
         self._merged = True
 
     def unmerge(self) -> None:
@@ -229,18 +278,20 @@ class PEFTLinear(nn.Module):
             warnings.warn("layer is not merged; unmerge() did nothing", stacklevel=2)
             return
         with torch.no_grad():
-            w = self.weight.float()
+            w = self.weight_nk.float()
             for path in reversed(weight_paths(self)):
                 w = path.invert(self, w)
-                scale = path.bias_scale(self)
+                scale, shift = path.bias_scale(self), path.bias_shift(self)
+                if shift is not None and self.bias is not None:
+                    self.bias.copy_(self.bias.float() - shift.float())
                 if scale is not None and self.bias is not None:
                     self.bias.copy_(self.bias.float() / scale.float())
-            self.weight.copy_(w)
+            self.weight_nk.copy_(w)
         self._merged = False
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
-                 f"method={'+'.join(self.methods) or 'frozen'}"]
+                 f"method={'+'.join(self.methods) or 'frozen'}"] + ["fan_in_fan_out=True"] * self.fan_in_fan_out
         for path in present(self):
             parts += path.extra_repr(self)
         parts += [f"backend={self.backend or 'auto'}", f"merged={self._merged}"]

@@ -62,6 +62,17 @@ def check_unmerged(layer, what: str) -> None:
         raise RuntimeError(f"cannot {what} while the layer is merged; call unmerge() first")
 
 
+def check_addable(layer, path: Path, what: str) -> None:
+    """Raise when ``path`` cannot be added to ``layer``: merged, or a path already on the layer
+    excludes it (or it excludes that path; ``Path.excludes``, e.g. DoRA with IA3 or a sparse delta)."""
+    check_unmerged(layer, what)
+    clash = [p.label for p in _REGISTRY.values()
+             if p is not path and p.present(layer) and (path.name in p.excludes or p.name in path.excludes)]
+    if clash:
+        raise ValueError(f"cannot {what}: the layer has {' / '.join(clash)}, which cannot be combined with "
+                         f"{path.label} on one layer")
+
+
 def measure(t: torch.Tensor, kind: str) -> torch.Tensor:
     """Σ t² ("l2") or Σ |t| ("l1")."""
     return t.square().sum() if kind == "l2" else t.abs().sum()
@@ -125,6 +136,7 @@ class Path:
     attrs: dict[str, object] = {}           # plain attributes -> value while absent
     changes_weight: bool = True             # part of the merged weight
     excludes: tuple[str, ...] = ()          # paths it is never combined with on one layer
+    requires: tuple[str, ...] = ()          # paths a layer must have for it (DoRA: LoRA)
     bench_cases: dict[str, str] = {}        # benchmark case -> label (cases measuring it alone)
     combined_case: Optional[str] = None     # its case inside the benchmark's "combined" row
     peft_type: Optional[str] = None         # adapter_config.json peft_type (None: no peft format)
@@ -213,6 +225,11 @@ class Path:
 
     def bias_scale(self, layer) -> Optional[torch.Tensor]:
         """Its factor on the bias when merged (b' = b ⊙ scale), or None."""
+        return None
+
+    def bias_shift(self, layer) -> Optional[torch.Tensor]:
+        """Its term added to the bias when merged, after its ``bias_scale`` (b' = b ⊙ scale + shift),
+        or None (LoRA's s·lora_bias); merge needs the layer to have a bias then."""
         return None
 
     # ------------------------------------------------------------------ accounting and penalty

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastpeft.paths.base import ROW_CHUNK, Path, adapter_dtype, check_unmerged, new_param
+from fastpeft.paths.base import ROW_CHUNK, Path, adapter_dtype, check_addable, new_param, random_tensor
+from fastpeft.paths.lora import LORA
 
 DROPOUT_WARNING = ("from_peft: DoRA with lora_dropout > 0: fastpeft feeds the dropped x to the LoRA branch only (one "
                    "frozen GEMM) while peft also uses it in the base term (a second GEMM), so training-mode outputs "
@@ -48,11 +49,14 @@ class DoRAPath(Path):
     category = "scaling"
     attrs = {"_dora_scale": None}  # c stored by merge, for unmerge
     excludes = ("ia3", "sparse")   # not combined on one layer
+    requires = ("lora",)
     peft_type = "LORA"
     peft_tuner = "lora"
     peft_adapters = "lora_A"
     peft_fields = ("use_dora",)
     peft_names = ("lora_magnitude",)
+
+    bench_cases = {"dora": "DoRA", "dora_dropout": "DoRA+dropout"}  # alone: not in the "combined" row (IA3, S)
 
     linear_keywords = ("use_dora",)
     example = {"r": 3, "alpha": 6, "use_dora": True}
@@ -65,16 +69,13 @@ class DoRAPath(Path):
             ("ia3", kw.get("ia3") is not None), ("sparse", kw.get("density") is not None)) if on]}
 
     def _check_layer(self, layer, with_lora: Optional[bool], with_conflicts=()) -> None:
-        check_unmerged(layer, "add DoRA")
+        check_addable(layer, self, "add DoRA")
         if layer.dora_magnitude is not None:
             raise ValueError("this layer already has a DoRA magnitude")
         if not (layer.lora_A is not None or with_lora):
             raise ValueError("DoRA (use_dora=True) needs the LoRA path on the layer: give r > 0 (or add LoRA first)")
-        conflicts = list(with_conflicts)
-        conflicts += ["ia3"] * (layer.ia3_in is not None or layer.ia3_out is not None)
-        conflicts += ["sparse"] * (layer.sparse_value is not None)
-        if conflicts:
-            raise ValueError(f"DoRA cannot be combined with {' / '.join(sorted(set(conflicts)))} on one layer "
+        if with_conflicts:  # asked for in the same from_linear call
+            raise ValueError(f"DoRA cannot be combined with {' / '.join(sorted(set(with_conflicts)))} on one layer "
                              "(the op rejects dora_magnitude together with ia3_in/ia3_out/sparse)")
 
     def check(self, layer, with_lora: Optional[bool] = None, with_conflicts=()) -> None:
@@ -84,7 +85,12 @@ class DoRAPath(Path):
     def parts(self, layer, with_lora: Optional[bool] = None, with_conflicts=()) -> dict:
         self._check_layer(layer, with_lora, with_conflicts)
         with torch.no_grad():
-            norm = torch.linalg.vector_norm(layer.weight.detach().to(adapter_dtype(layer.weight)), dim=1)
+            if isinstance(layer.weight, torch.Tensor):
+                norm = torch.linalg.vector_norm(layer.weight_nk.detach().to(adapter_dtype(layer.weight)), dim=1)
+            else:  # a quantized base (fastpeft.quantize): ‖W‖_row panel by panel, never a dense W
+                from fastpeft.quant.dora import row_sq_norms
+
+                norm = row_sq_norms(layer.weight).sqrt()
         return {"dora_magnitude": new_param(layer, norm), "_dora_scale": None}
 
     def adopt(self, layer, dora_magnitude: torch.Tensor, with_lora: Optional[bool] = None) -> dict:
@@ -143,6 +149,27 @@ class DoRAPath(Path):
 
     def max_changed(self, layer) -> int:
         return layer.out_features * layer.in_features
+
+    # ------------------------------------------------------------------ cases
+    def random_args(self, case, weight, settings, gen) -> dict:
+        """LoRA's random case (with dropout for "dora_dropout") and m = ‖W‖_row times a factor near 1."""
+        args = LORA.random_args("lora_dropout" if case == "dora_dropout" else "lora", weight, settings, gen)
+        norm = torch.linalg.vector_norm(weight.detach().to(adapter_dtype(weight)), dim=1)
+        args["dora_magnitude"] = norm * random_tensor(weight, gen, weight.shape[0], scale=0.2, shift=1.0)
+        return args
+
+    def peft_twin(self, case, weight, args, settings, wrap, target):
+        import peft
+
+        layer = wrap(peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=args["lora_dropout"],
+                                     target_modules=[target], use_dora=True))
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(args["lora_A"])
+            layer.lora_B["default"].weight.copy_(args["lora_B"])
+            layer.lora_magnitude_vector["default"].weight.copy_(args["dora_magnitude"])
+        grads = {"lora_A": layer.lora_A["default"].weight, "lora_B": layer.lora_B["default"].weight,
+                 "dora_magnitude": layer.lora_magnitude_vector["default"].weight}
+        return layer, grads, args["lora_dropout"] == 0  # with dropout peft draws its mask, and uses it in the base
 
     # ------------------------------------------------------------------ peft mapping
     def peft_tensors(self, name, layer, prepare=lambda t: t) -> dict:

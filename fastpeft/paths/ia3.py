@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastpeft.paths.base import ROW_CHUNK, Path, check_unmerged, new_param, random_tensor
+from fastpeft.paths.base import ROW_CHUNK, Path, check_addable, new_param, random_tensor
 
 POSITIONS = ("in", "out", "both")
 # |scale| below this makes unmerge divide by (nearly) zero: the restored weight is unreliable.
@@ -75,7 +75,7 @@ class IA3Path(Path):
         return None if kw["ia3"] is None else {"position": kw["ia3"]}
 
     def parts(self, layer, position: str = "out") -> dict:
-        check_unmerged(layer, "add IA3")
+        check_addable(layer, self, "add IA3")
         if position not in POSITIONS:
             raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
         parts = {}
@@ -90,7 +90,7 @@ class IA3Path(Path):
         return parts
 
     def adopt(self, layer, ia3_in: Optional[torch.Tensor] = None, ia3_out: Optional[torch.Tensor] = None) -> dict:
-        check_unmerged(layer, "add IA3")
+        check_addable(layer, self, "add IA3")
         parts = {}
         for name, vec in (("ia3_in", ia3_in), ("ia3_out", ia3_out)):
             if vec is None:
@@ -169,7 +169,7 @@ class IA3Path(Path):
             return NotImplemented  # both vectors: formed in row chunks
         vec, axis = (layer.ia3_in, 0) if layer.ia3_in is not None else (layer.ia3_out, 1)
         d = vec.to(dtype) - 1
-        return (d.square() if kind == "l2" else d.abs()).mul(_weight_norms(layer.weight, axis, kind, dtype)).sum()
+        return (d.square() if kind == "l2" else d.abs()).mul(_weight_norms(layer.weight_nk, axis, kind, dtype)).sum()
 
     # ------------------------------------------------------------------ cases
     def random_args(self, case, weight, settings, gen) -> dict:

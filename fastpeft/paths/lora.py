@@ -3,6 +3,13 @@
     y += s · (dropout_p(x) Aᵀ) Bᵀ        A = lora_A [r, K], B = lora_B [N, r]
     merged: W' = W + s·B·A              s = alpha / r   (alpha / √r with rsLoRA)
 
+    lora_bias β [N] (optional, peft's ``lora_bias=True``: lora_B with a bias):
+    y += s·β  (peft: lora_B(lora_A(x))·s);  merged: b' = b + s·β (needs a base bias, as in peft)
+
+The op gets β as ``lora_bias`` and folds it into its bias (one [N] add; gradient s·Σ grad_y).
+A transposed base (``fan_in_fan_out``: transformers' Conv1D, weight stored [K, N]) changes
+nothing here: the layer hands every path the [N, K] view of its weight.
+
 Init as peft's: A Kaiming-uniform (a = √5, nn.Linear's), B zeros, so a new layer computes the
 frozen one.  Dropout acts on the LoRA branch only, in training; the op gets p = 0 in eval.
 Closed forms when it is a layer's only weight path: ‖s·BA‖²_F = s²·Σ (AAᵀ) ⊙ (BᵀB) from two
@@ -72,6 +79,15 @@ def _check_dropout(dropout) -> float:
     return float(dropout)
 
 
+def _features(module) -> tuple[int, int]:
+    """(N, K) of a layer a checkpoint adapts: an nn.Linear / fastpeft layer, or a transformers Conv1D
+    (no in/out_features: its weight is [K, N])."""
+    if hasattr(module, "out_features"):
+        return module.out_features, module.in_features
+    k, n = module.weight.shape
+    return n, k
+
+
 def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
@@ -96,8 +112,8 @@ def _number(config: dict, field: str, default, low=None, high=None) -> float:
 class LoRAPath(Path):
     name = "lora"
     label = "LoRA"
-    tensors = ("lora_A", "lora_B")
-    categories = {"lora_A": "adapter", "lora_B": "adapter"}
+    tensors = ("lora_A", "lora_B", "lora_bias")
+    categories = {"lora_A": "adapter", "lora_B": "adapter", "lora_bias": "adapter"}
     category = "adapter"
     attrs = {"r": 0, "lora_alpha": 0.0, "lora_scale": 0.0, "lora_dropout": 0.0, "use_rslora": False,
              "_peft_init": None}
@@ -107,7 +123,7 @@ class LoRAPath(Path):
     peft_tuner = "lora"
     peft_adapters = "lora_A"
     peft_fields = ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
-                   "init_lora_weights")
+                   "init_lora_weights", "lora_bias", "fan_in_fan_out")
     peft_biases = True  # peft's LoRA config carries trained biases ("bias": "lora_only" / "all")
     peft_names = ("lora_",)
 
@@ -115,57 +131,78 @@ class LoRAPath(Path):
     def present(self, layer) -> bool:
         return layer.lora_A is not None
 
-    linear_keywords = ("r", "alpha", "dropout", "use_rslora")
+    linear_keywords = ("r", "alpha", "dropout", "use_rslora", "lora_bias")
     example = {"r": 3, "alpha": 6, "dropout": 0.1}
 
     def linear_options(self, kw: dict) -> Optional[dict]:
         if not kw["r"]:
             return None
         alpha = kw["alpha"] if kw["alpha"] is not None else kw["r"]
-        return dict(r=kw["r"], alpha=alpha, dropout=kw["dropout"], use_rslora=kw["use_rslora"])
+        lora_bias = kw.get("lora_bias", False)
+        if not isinstance(lora_bias, bool):
+            raise TypeError(f"lora_bias must be True or False, got {lora_bias!r}")
+        if lora_bias and kw.get("use_dora"):
+            raise ValueError("lora_bias=True cannot be combined with use_dora=True (peft refuses it too)")
+        return dict(r=kw["r"], alpha=alpha, dropout=kw["dropout"], use_rslora=kw["use_rslora"], lora_bias=lora_bias)
 
-    def check(self, layer, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False) -> None:
+    def check(self, layer, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+              lora_bias: bool = False) -> None:
         check_unmerged(layer, "add LoRA")
         if layer.lora_A is not None:
             raise ValueError("this layer already has a LoRA path")
         check_positive_int("r", r)
         _check_dropout(dropout)
+        if not isinstance(lora_bias, bool):
+            raise TypeError(f"lora_bias must be True or False, got {lora_bias!r}")
         return None  # the init is random: drawn by parts, once every layer passed its checks
 
-    def parts(self, layer, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False) -> dict:
-        self.check(layer, r, alpha, dropout, use_rslora)
+    def parts(self, layer, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+              lora_bias: bool = False) -> dict:
+        self.check(layer, r, alpha, dropout, use_rslora, lora_bias)
         a = torch.empty(r, layer.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's (and nn.Linear's) init for lora_A
         b = torch.zeros(layer.out_features, r)
+        beta = new_param(layer, torch.zeros(layer.out_features)) if lora_bias else None  # peft: zeros
         return self.adopt(layer, lora_A=new_param(layer, a), lora_B=new_param(layer, b), alpha=alpha, dropout=dropout,
-                          use_rslora=use_rslora)
+                          use_rslora=use_rslora, lora_bias=beta)
 
     def adopt(self, layer, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float, dropout: float = 0.0,
-              use_rslora: bool = False, scale: Optional[float] = None, peft_init: Optional[dict] = None) -> dict:
+              use_rslora: bool = False, scale: Optional[float] = None, peft_init: Optional[dict] = None,
+              lora_bias: Optional[torch.Tensor] = None) -> dict:
         """The LoRA parts with these factors; ``scale`` (default alpha/r or alpha/√r) as peft's live
-        value; ``peft_init``: the base-rewriting init record (see the module docstring)."""
+        value; ``peft_init``: the base-rewriting init record (see the module docstring);
+        ``lora_bias``: lora_B's bias [N] (None: none)."""
         check_unmerged(layer, "add LoRA")
         r = int(lora_A.shape[0]) if lora_A.dim() == 2 else 0
         if lora_A.dim() != 2 or r == 0 or tuple(lora_A.shape) != (r, layer.in_features):
             raise ValueError(f"lora_A must be [r, {layer.in_features}] with r > 0, got {list(lora_A.shape)}")
         if tuple(lora_B.shape) != (layer.out_features, r):
             raise ValueError(f"lora_B must be [{layer.out_features}, {r}], got {list(lora_B.shape)}")
+        if lora_bias is not None:
+            if not isinstance(lora_bias, torch.Tensor) or not lora_bias.is_floating_point():
+                raise TypeError(f"lora_bias must be a floating-point tensor, got {type(lora_bias).__name__}")
+            if tuple(lora_bias.shape) != (layer.out_features,):
+                raise ValueError(f"lora_bias must be [{layer.out_features}], got {list(lora_bias.shape)}")
+            if getattr(layer, "dora_magnitude", None) is not None:
+                raise ValueError("lora_bias cannot be combined with DoRA on one layer (peft refuses it too)")
         dropout = _check_dropout(dropout)
         if scale is None:
             scale = float(alpha) / (math.sqrt(r) if use_rslora else r)
-        return {"lora_A": lora_A, "lora_B": lora_B, "r": r, "lora_alpha": float(alpha), "lora_dropout": dropout,
-                "use_rslora": bool(use_rslora), "lora_scale": float(scale), "_peft_init": peft_init}
+        return {"lora_A": lora_A, "lora_B": lora_B, "lora_bias": lora_bias, "r": r, "lora_alpha": float(alpha),
+                "lora_dropout": dropout, "use_rslora": bool(use_rslora), "lora_scale": float(scale),
+                "_peft_init": peft_init}
 
 
     def op_fields(self, layer):
-        return (("lora_A", "lora_A"), ("lora_B", "lora_B"), ("lora_scale", "lora_scale"),
-                ("lora_dropout", "lora_dropout"))
+        fields = (("lora_A", "lora_A"), ("lora_B", "lora_B"), ("lora_scale", "lora_scale"),
+                  ("lora_dropout", "lora_dropout"))
+        return fields + ((("lora_bias", "lora_bias"),) if layer.lora_bias is not None else ())
 
     eval_values = {"lora_dropout": 0.0}  # dropout only in training
 
     def extra_repr(self, layer) -> list[str]:
         out = [f"r={layer.r}", f"scale={layer.lora_scale:g}", f"dropout={layer.lora_dropout:g}"]
-        return out + ["rslora=True"] * bool(layer.use_rslora)
+        return out + ["rslora=True"] * bool(layer.use_rslora) + ["lora_bias=True"] * (layer.lora_bias is not None)
 
     # ------------------------------------------------------------------ the merged weight: W + s·B·A
     def apply(self, layer, w, rows, inplace=False):
@@ -181,6 +218,9 @@ class LoRAPath(Path):
         low = layer.lora_scale * (b @ a)
         bound.err = bound.err + low.abs()
         return w - low
+
+    def bias_shift(self, layer):
+        return None if layer.lora_bias is None else layer.lora_scale * layer.lora_bias.detach()
 
     # ------------------------------------------------------------------ accounting and penalty
     def changed(self, layer, pre) -> int:
@@ -226,7 +266,10 @@ class LoRAPath(Path):
 
     # ------------------------------------------------------------------ peft mapping
     def peft_tensors(self, name, layer, prepare=lambda t: t) -> dict:
-        return {f"{name}.lora_A.weight": prepare(layer.lora_A), f"{name}.lora_B.weight": prepare(layer.lora_B)}
+        out = {f"{name}.lora_A.weight": prepare(layer.lora_A), f"{name}.lora_B.weight": prepare(layer.lora_B)}
+        if layer.lora_bias is not None:
+            out[f"{name}.lora_B.bias"] = prepare(layer.lora_bias)
+        return out
 
     def peft_config(self, layers) -> dict:
         """LoRA's config fields (``bias`` is added by save_adapter); per-layer ranks and alphas that
@@ -246,7 +289,10 @@ class LoRAPath(Path):
             "use_rslora": use_rslora, "target_modules": [name for name, _ in layers],
             "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},  # an escaped full name: that module
             "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
-            "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+            # peft sets fan_in_fan_out for Conv1D targets itself (with a warning when it is False)
+            "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
+            "init_lora_weights": True, "use_dora": False,
+            "lora_bias": any(layer.lora_bias is not None for _, layer in layers),
             "layers_to_transform": None, "layers_pattern": None,
         }
         init = self._shared_init(layers)
@@ -289,6 +335,8 @@ class LoRAPath(Path):
         for suffix in (".lora_A.weight", ".lora_B.weight"):
             if key.endswith(suffix):
                 return key[:-len(suffix)], suffix[1:7]
+        if key.endswith(".lora_B.bias"):  # lora_bias=True
+            return key[:-len(".lora_B.bias")], "lora_bias"
         return None
 
     def peft_reject(self, key: str) -> None:
@@ -300,13 +348,20 @@ class LoRAPath(Path):
         """One layer of a checkpoint: ({attribute: values}, adopt options, new base weight or None).
 
         ``module`` is the model's layer at ``path`` (a fastpeft layer or a plain nn.Linear)."""
-        if set(tensors) != {"lora_A", "lora_B"}:
+        if not {"lora_A", "lora_B"} <= set(tensors):
             raise ValueError(f"{path}: the checkpoint has {sorted(tensors)} but LoRA needs both lora_A and lora_B")
+        if "lora_bias" in tensors and config.get("lora_bias", False) is not True:
+            raise ValueError(f"{path}.lora_B.bias: the checkpoint has a bias on lora_B but its config says "
+                             f"lora_bias={config.get('lora_bias', False)!r} (peft would ignore the tensor)")
         A, B = tensors["lora_A"], tensors["lora_B"]
         if A.dim() != 2 or A.shape[0] == 0:
             raise ValueError(f"{path}.lora_A: expected a [r, in_features] tensor with r > 0, got {list(A.shape)}")
         r = int(A.shape[0])
-        for what, t, shape in (("lora_A", A, (r, module.in_features)), ("lora_B", B, (module.out_features, r))):
+        n, k = _features(module)
+        checked = [("lora_A", A, (r, k)), ("lora_B", B, (n, r))]
+        if "lora_bias" in tensors:
+            checked.append(("lora_B.bias", tensors["lora_bias"], (n,)))
+        for what, t, shape in checked:
             if tuple(t.shape) != shape:
                 raise ValueError(f"{path}.{what}: checkpoint shape {list(t.shape)} does not match the model's "
                                  f"{list(shape)}")
@@ -320,6 +375,9 @@ class LoRAPath(Path):
         init = config.get("init_lora_weights", True)
         base = None
         if rewrites_base(init):  # the init peft re-runs on load: the base then holds its residual
+            if getattr(module, "fan_in_fan_out", False) or not hasattr(module, "out_features"):
+                raise NotImplementedError(f"init_lora_weights={init!r} on {path!r}, a transposed (Conv1D) base: "
+                                          "fastpeft re-runs base-rewriting inits on nn.Linear bases only")
             if type(module) is not nn.Linear:
                 raise ValueError(f"init_lora_weights={init!r} rewrites the base weight of {path!r}, which is already "
                                  "a fastpeft layer (its weight may be a residual already): load into the original "
@@ -328,7 +386,10 @@ class LoRAPath(Path):
             options["peft_init"] = {"init_lora_weights": init}
         elif existing is not None:
             options["peft_init"] = module._peft_init
-        return {"lora_A": A, "lora_B": B}, options, base
+        values = {"lora_A": A, "lora_B": B}
+        if "lora_bias" in tensors:  # missing with lora_bias=True: peft's zero init, i.e. no bias term
+            values["lora_bias"] = tensors["lora_bias"]
+        return values, options, base
 
     def from_peft_layer(self, name, layer, adapter, config) -> tuple[dict, dict]:
         dora = layer.use_dora.get(adapter, False)  # read by the DoRA path (fastpeft.paths.dora)
@@ -339,9 +400,10 @@ class LoRAPath(Path):
         if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
             raise NotImplementedError(f"{name}: the LoRA variant {type(layer.lora_variant[adapter]).__name__} "
                                       "is not supported by fastpeft (plain LoRA and rsLoRA are)")
-        if layer.lora_bias.get(adapter, False) or layer.lora_B[adapter].bias is not None:
-            raise NotImplementedError(f"{name}: lora_bias=True (a bias on lora_B) is not supported by fastpeft")
         lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+        if bool(layer.lora_bias.get(adapter, False)) != (getattr(lora_B, "bias", None) is not None):
+            raise NotImplementedError(f"{name}: lora_bias={layer.lora_bias.get(adapter, False)} but lora_B "
+                                      f"{'has no' if layer.lora_bias.get(adapter, False) else 'has a'} bias")
         if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_A.bias is not None:
             raise NotImplementedError(f"{name}: LoRA factors of type {type(lora_A).__name__}/{type(lora_B).__name__} "
                                       "are not supported by fastpeft (plain nn.Linear factors are)")
@@ -356,7 +418,10 @@ class LoRAPath(Path):
                        use_rslora=bool(layer.use_rslora.get(adapter, False)),
                        scale=float(layer.scaling[adapter]),  # peft's live value (set_scale may have changed it)
                        peft_init=self._init_record(config))  # the base holds the init's residual: save must say so
-        return {"lora_A": lora_A.weight, "lora_B": lora_B.weight}, options
+        tensors = {"lora_A": lora_A.weight, "lora_B": lora_B.weight}
+        if lora_B.bias is not None:  # lora_bias=True: y += scaling · lora_B.bias
+            tensors["lora_bias"] = lora_B.bias
+        return tensors, options
 
     @staticmethod
     def _init_record(config) -> Optional[dict]:

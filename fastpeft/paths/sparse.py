@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from fastpeft.core.validation import check_sparse, mark_validated
-from fastpeft.paths.base import Path, adapter_dtype, check_unmerged, measure, new_param, random_tensor
+from fastpeft.paths.base import Path, adapter_dtype, check_addable, measure, new_param, random_tensor
 from fastpeft.paths.sparse_index import select_sparse_indices
 
 
@@ -57,11 +57,15 @@ class SparsePath(Path):
 
     def parts(self, layer, density: float = 0.01, selection: str = "magnitude", block: Optional[int] = None,
               seed: int = 0, index: Optional[torch.Tensor] = None) -> dict:
-        check_unmerged(layer, "add a sparse delta")
+        check_addable(layer, self, "add a sparse delta")
         if layer.sparse_value is not None:
             raise ValueError("this layer already has a sparse delta")
         if index is None:
-            index = select_sparse_indices(layer.weight, density, selection, seed=seed, block=block)
+            weight = layer.weight_nk  # [N, K] (a view for a transposed Conv1D base)
+            if not isinstance(weight, torch.Tensor):  # a quantized base: magnitudes of its dequantized values
+                weight = weight.dequantize() if selection == "magnitude" else \
+                    torch.empty((), dtype=weight.dtype, device=weight.device).expand(*weight.shape)
+            index = select_sparse_indices(weight, density, selection, seed=seed, block=block)
         elif not isinstance(index, torch.Tensor):
             raise TypeError(f"index must be a torch.Tensor of flat indices or None, got {type(index).__name__}")
         elif index.dtype not in (torch.int32, torch.int64):
@@ -73,7 +77,7 @@ class SparsePath(Path):
         return {**parts, "sparse_density": density, "sparse_selection": selection, "sparse_block": block}
 
     def adopt(self, layer, sparse_index: torch.Tensor, sparse_value: torch.Tensor) -> dict:
-        check_unmerged(layer, "add a sparse delta")
+        check_addable(layer, self, "add a sparse delta")
         meta = sparse_index.device.type == "meta"  # meta tensors have no values to check (only shapes)
         check_sparse(sparse_index, sparse_value, layer.out_features, layer.in_features, check_values=False)
         if not meta and not sparse_index.is_inference():

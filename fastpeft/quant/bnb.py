@@ -26,6 +26,11 @@ def tensors_from_bnb(param, dtype=None):
 
 
 def _from_4bit(param, state, dtype):
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError("param: bitsandbytes repacked this 4-bit weight for its CPU inference kernel "
+                         "(quant_state.packing_format_for_cpu, set by an eval-mode CPU forward without gradients); "
+                         "fastpeft reads bitsandbytes' standard NF4 layout only: convert before such a forward, or "
+                         "reload the weight")
     if state.quant_type != "nf4":
         raise ValueError(f"param: only NF4 4-bit weights are supported, got quant_type={state.quant_type!r}")
     shape = torch.Size(state.shape)

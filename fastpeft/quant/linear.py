@@ -6,8 +6,10 @@
 W is ``qw.dequantize().to(x.dtype)`` (bit for bit the dequantized panel values).  The C++ kernels
 (csrc/quant.cpp, ``torch.ops.fastpeft_cpp.quant_*``) dequantize a panel of W's rows (forward) or
 columns (dX) of ``panel_bytes`` (default 1 MiB) into a buffer and run the GEMM on it through
-ATen (MKL / oneDNN), each thread on its own panels.  Elsewhere (no extension, a CUDA tensor, or
-``backend="torch"``) a pure-torch loop does the same with ``qw.dequantize_rows`` + ``mm``.
+ATen (MKL / oneDNN), each thread on its own panels.  ``backend="triton"`` (the default for CUDA
+tensors when Triton imports; on the CPU under ``TRITON_INTERPRET=1``) runs kernels/quant.py, which
+decodes W inside its K loop.  Elsewhere (no extension, or ``backend="torch"``) a pure-torch loop does
+the same panels with ``qw.dequantize_rows`` + ``mm``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from fastpeft.quant.weight import FLOAT_DTYPES, QuantizedWeight
 
 PANEL_BYTES = 1 << 20
-BACKENDS = (None, "cpp", "torch")
+BACKENDS = (None, "cpp", "torch", "triton")
 
 
 def _ops():
@@ -67,20 +69,37 @@ def _check(a: torch.Tensor, qw: QuantizedWeight, width: int, name: str, backend,
     if a.device != qw.device:
         raise ValueError(f"{name} is on {a.device} but the quantized weight is on {qw.device}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be None, 'cpp' or 'torch', got {backend!r}")
+        raise ValueError(f"backend must be None, 'cpp', 'torch' or 'triton', got {backend!r}")
     if panel_bytes is not None and (isinstance(panel_bytes, bool) or not isinstance(panel_bytes, int)
                                     or panel_bytes < 1):
         raise ValueError(f"panel_bytes must be a positive int, got {panel_bytes!r}")
 
 
-def _resolve(a: torch.Tensor, backend):
-    if backend == "torch":
+def _triton():
+    """fastpeft.kernels.quant (the Triton products), or None when Triton does not import."""
+    try:
+        from fastpeft.kernels import quant as kq
+    except ImportError:
         return None
+    return kq
+
+
+def _resolve(a: torch.Tensor, backend):
+    """(kind, kernels): ("cpp", torch.ops.fastpeft_cpp), ("triton", fastpeft.kernels.quant) or ("torch", None)."""
+    if backend == "torch":
+        return "torch", None
+    if backend == "triton" or (backend is None and a.device.type == "cuda"):
+        kq = _triton()
+        if kq is not None:
+            return "triton", kq
+        if backend == "triton":
+            raise RuntimeError("backend='triton' for a quantized product: Triton is not installed")
+        return "torch", None
     ops = _ops() if a.device.type == "cpu" else None
     if backend == "cpp" and ops is None:
         why = "the tensors are not on the CPU" if a.device.type != "cpu" else "the C++ extension is not available"
         raise RuntimeError(f"backend='cpp' for a quantized product: {why}")
-    return ops
+    return ("cpp", ops) if ops is not None else ("torch", None)
 
 
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, *, backend: Optional[str] = None,
@@ -90,9 +109,11 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, *, backend: Optional[str]
     _check(x, qw, k, "x", backend, panel_bytes)
     lead = x.shape[:-1]
     x2 = x.detach().reshape(math.prod(lead), k)
-    ops = _resolve(x, backend)
-    if ops is not None:
-        y = ops.quant_linear(x2, *kernel_args(qw), panel_bytes or 0)
+    kind, kern = _resolve(x, backend)
+    if kind == "cpp":
+        y = kern.quant_linear(x2, *kernel_args(qw), panel_bytes or 0)
+    elif kind == "triton":
+        y = kern.quant_matmul(x2, qw, True)
     else:
         y = _torch_linear(x2, qw, panel_bytes or PANEL_BYTES)
     return y.reshape(*lead, n)
@@ -105,35 +126,38 @@ def quant_linear_grad_input(grad_y: torch.Tensor, qw: QuantizedWeight, *, backen
     _check(grad_y, qw, n, "grad_y", backend, panel_bytes)
     lead = grad_y.shape[:-1]
     g2 = grad_y.detach().reshape(math.prod(lead), n)
-    ops = _resolve(grad_y, backend)
-    if ops is not None:
-        dx = ops.quant_linear_grad_input(g2, *kernel_args(qw), panel_bytes or 0)
+    kind, kern = _resolve(grad_y, backend)
+    if kind == "cpp":
+        dx = kern.quant_linear_grad_input(g2, *kernel_args(qw), panel_bytes or 0)
+    elif kind == "triton":
+        dx = kern.quant_matmul(g2, qw, False)
     else:
         dx = _torch_grad_input(g2, qw, panel_bytes or PANEL_BYTES)
     return dx.reshape(*lead, k)
 
 
 def quant_linear_add_(out: torch.Tensor, a: torch.Tensor, qw: QuantizedWeight, *, forward: bool = True,
-                      panel_bytes: Optional[int] = None) -> torch.Tensor:
+                      backend: Optional[str] = None, panel_bytes: Optional[int] = None) -> torch.Tensor:
     """out += a @ Wᵀ (``forward``) or a @ W, in place (2-D contiguous ``out`` of a's dtype); returns out.
 
     The fused op over a quantized base writes its other terms (bias, LoRA) first and accumulates the
-    frozen product onto them, so the output takes no extra pass.
+    frozen product onto them, so the output takes no extra pass (the C++ kernels; the other
+    backends add the product).
     """
     n, k = qw.shape if isinstance(qw, QuantizedWeight) else (None, None)
-    _check(a, qw, k if forward else n, "x" if forward else "grad_y", None, panel_bytes)
-    ops = _resolve(a, None)
-    if ops is not None and out.is_contiguous() and a.dim() == 2:
-        ops.quant_linear_add_(out, a.contiguous(), *kernel_args(qw), forward, panel_bytes or 0)
+    _check(a, qw, k if forward else n, "x" if forward else "grad_y", backend, panel_bytes)
+    kind, kern = _resolve(a, backend)
+    if kind == "cpp" and out.is_contiguous() and a.dim() == 2:
+        kern.quant_linear_add_(out, a.contiguous(), *kernel_args(qw), forward, panel_bytes or 0)
     else:
-        out += (quant_linear if forward else quant_linear_grad_input)(a, qw, panel_bytes=panel_bytes)
+        out += (quant_linear if forward else quant_linear_grad_input)(a, qw, backend=backend, panel_bytes=panel_bytes)
     return out
 
 
 def dequantize_rows_cpp(qw: QuantizedWeight, start: int, stop: int, out: Optional[torch.Tensor] = None,
                         col_start: int = 0, col_stop: Optional[int] = None) -> torch.Tensor:
     """The C++ panel dequantization: W[start:stop, col_start:col_stop] into ``out`` (default qw.dtype)."""
-    ops = _resolve(torch.empty(0, device=qw.device), "cpp")
+    _, ops = _resolve(torch.empty(0, device=qw.device), "cpp")
     n, k = qw.shape
     col_stop = k if col_stop is None else col_stop
     if not (0 <= start <= stop <= n and 0 <= col_start <= col_stop <= k):

@@ -10,7 +10,9 @@ becomes a PEFTLinear with no path yet, so ``inject`` adds LoRA (QLoRA) or any ot
 Choices: ``target_modules=None`` converts every linear layer except an output layer tied to the
 input embeddings (quantizing it would quantize the embeddings); ``merge()`` of a layer with a
 quantized base raises (dequantize–merge–requantize would change the base by the quantization error
-each time); a sparse delta or DoRA on a quantized base is refused here, as the op refuses it.
+each time).  Every path runs over a quantized base (LoRA with dropout, DoRA, IA3, BitFit, a sparse
+delta: fastpeft.quant.op); DoRA's magnitude is initialised from ‖W‖_row of the dequantized base and
+keeps its value when the base is quantized after ``inject`` (c then follows the quantized W).
 Everything is validated before any layer changes: when ``quantize`` raises, the model is as it was.
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from fastpeft.nn.inject import check_replaceable, set_submodule, target_names
-from fastpeft.nn.modules import PEFTLinear
-from fastpeft.quant.weight import FORMATS, QuantizedWeight, quantize_weight
+from fastpeft.nn.modules import PEFTLinear, is_conv1d
+from fastpeft.quant.weight import BUFFER_PREFIX, FORMATS, QuantizedWeight, quantize_weight
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -30,13 +32,12 @@ def is_quantized(layer: nn.Module) -> bool:
 def _check(name: str, module: nn.Module) -> None:
     if is_quantized(module):
         raise ValueError(f"layer {name!r} is already quantized ({module.weight.format})")
+    if getattr(module, "fan_in_fan_out", False) or is_conv1d(module):
+        raise NotImplementedError(f"layer {name!r} is a transposed (transformers Conv1D, [K, N]) base: quantizing "
+                                  "it is not supported yet; pass target_modules without it")
     if isinstance(module, PEFTLinear):
         if module.merged:
             raise ValueError(f"layer {name!r} is merged: unmerge it before quantizing its base")
-        blocked = [p for p in ("sparse_value", "dora_magnitude") if getattr(module, p, None) is not None]
-        if blocked:
-            raise NotImplementedError(f"layer {name!r} has {blocked[0]}: a sparse delta or DoRA over a quantized "
-                                      "base is not implemented yet")
     else:
         check_replaceable(name, module)
 
@@ -81,5 +82,5 @@ def attach(layer: PEFTLinear, qw: QuantizedWeight) -> None:
                          f"{layer.in_features}]")
     del layer._parameters["weight"]
     for key, tensor in qw.tensors().items():
-        layer.register_buffer(f"weight_{key}", tensor)
+        layer.register_buffer(BUFFER_PREFIX + key, tensor)
     object.__setattr__(layer, "weight", qw)

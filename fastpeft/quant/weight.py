@@ -16,6 +16,19 @@ Tensors, by format (names are the keys of ``tensors()`` and the arguments of ``f
 
 nblocks = ceil(N*K / blocksize).  ``dequantize()`` equals bitsandbytes' dequantization of the same
 data bit for bit (``fastpeft.quant.nf4`` / ``fastpeft.quant.int8`` state the formulas).
+
+On a layer (``fastpeft.quantize``, ``from_peft``): the tensors are the layer's registered buffers
+``weight_<name>`` (so ``state_dict`` / ``load_state_dict`` carry them) and ``layer.weight`` is the
+QuantizedWeight over those very tensors.  Moving the module (``.to(device)``, ``.cuda()``,
+``.to(dtype)``, ``.half()``, ``to_empty``) goes through ``PEFTLinear._apply``, which hands the base
+to ``module_apply``: the buffers are kept out of nn.Module's own conversion (it would cast the fp32
+absmax / SCB to the new float dtype), each is moved by the same function with its own dtype kept
+(its format), the buffers are re-registered and ``layer.weight`` is rebuilt over them.  A float
+dtype move to float32 / bfloat16 / float16 sets the dtype the base dequantizes to (the op needs it
+equal to x's), so ``model.to(torch.bfloat16)`` computes in bf16 over the same 4-bit codes; any
+other target dtype (float64) leaves the dequantized dtype as it was (the op then names the
+mismatch).  Derived data cached on a QuantizedWeight (DoRA's ‖W‖²_row) is keyed on its tensors'
+versions and storages, so a load or a move recomputes it.
 """
 from __future__ import annotations
 
@@ -31,6 +44,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NF4_PLAIN = ("packed", "absmax")
 _NF4_NESTED = ("packed", "absmax", "absmax2", "absmax_code", "absmax_offset")
 _INT8 = ("CB", "SCB")
+BUFFER_PREFIX = "weight_"  # a layer's buffer of tensor <name> is "weight_<name>"
 
 
 def _check_format(fmt) -> str:
@@ -46,7 +60,7 @@ class QuantizedWeight:
     bitsandbytes parameter's storage) or ``QuantizedWeight.from_tensors`` (e.g. from a state_dict).
     """
 
-    __slots__ = ("format", "shape", "dtype", "blocksize", "absmax_blocksize", "_t")
+    __slots__ = ("format", "shape", "dtype", "blocksize", "absmax_blocksize", "_t", "_cache")
 
     def __init__(self, fmt: str, shape, dtype: torch.dtype, tensors: dict, blocksize: Optional[int] = None,
                  absmax_blocksize: int = dynamic.ABSMAX_BLOCKSIZE):
@@ -57,6 +71,7 @@ class QuantizedWeight:
         self.blocksize = blocksize if fmt == "nf4" else None
         self.absmax_blocksize = absmax_blocksize if fmt == "nf4" and "absmax2" in tensors else None
         self._t = dict(tensors)
+        self._cache = {}  # derived data (fastpeft.quant.dora's row norms), keyed on the tensors' versions
 
     # ----------------------------------------------------------------------------------------
     # construction
@@ -152,8 +167,49 @@ class QuantizedWeight:
         device = torch.device(device)
         if device == self.device:
             return self
-        return QuantizedWeight(self.format, self.shape, self.dtype, {k: v.to(device) for k, v in self._t.items()},
-                               self.blocksize, self.absmax_blocksize or dynamic.ABSMAX_BLOCKSIZE)
+        return self._with({k: v.to(device) for k, v in self._t.items()}, self.dtype)
+
+    def _with(self, tensors: dict, dtype: torch.dtype) -> QuantizedWeight:
+        return QuantizedWeight(self.format, self.shape, dtype, tensors, self.blocksize,
+                               self.absmax_blocksize or dynamic.ABSMAX_BLOCKSIZE)
+
+    def apply(self, fn) -> QuantizedWeight:
+        """The QuantizedWeight after an ``nn.Module._apply`` function ``fn`` (a move, a cast, to_empty).
+
+        Each tensor goes through ``fn`` when ``fn`` keeps its dtype (a device move, to_empty), else
+        only to the device ``fn`` sends it to: the storage keeps its format.  The dequantized dtype
+        becomes what ``fn`` makes of a ``dtype`` tensor when that is float32 / bfloat16 / float16.
+        """
+        def probe(dtype):
+            return fn(torch.empty(0, dtype=dtype, device=self.device))
+
+        moved = {}
+        for k, v in self._t.items():
+            p = probe(v.dtype)
+            moved[k] = fn(v) if p.dtype == v.dtype else v.to(p.device)
+        target = probe(self.dtype).dtype
+        return self._with(moved, target if target in FLOAT_DTYPES else self.dtype)
+
+    def module_apply(self, layer, fn, apply):
+        """``layer._apply(fn)`` for a layer whose base is this QuantizedWeight (see the module docstring).
+
+        ``apply(fn)`` is nn.Module's own ``_apply`` of the layer; it runs with the base's buffers
+        set aside, then the moved tensors are registered and ``layer.weight`` is rebuilt over them.
+        Returns the layer.
+        """
+        names = [BUFFER_PREFIX + k for k in self._t]
+        held = {name: layer._buffers.get(name) for name in names}
+        for name in names:
+            layer._buffers[name] = None  # nn.Module._apply skips None buffers
+        try:
+            apply(fn)
+        finally:
+            layer._buffers.update(held)
+        moved = self.apply(fn)
+        for k, t in moved._t.items():
+            layer._buffers[BUFFER_PREFIX + k] = t
+        object.__setattr__(layer, "weight", moved)
+        return layer
 
     def __repr__(self) -> str:
         n, k = self.shape

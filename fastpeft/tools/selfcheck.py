@@ -19,44 +19,29 @@ from fastpeft import reference
 from fastpeft.core.backends import available_backends, resolve
 from fastpeft.core.ops import peft_linear
 from fastpeft.paths import DISPLAY_ORDER, CaseSettings, bench_cases
+from fastpeft.tools import equivalence
 from fastpeft.tools.equivalence import rel_err, tolerance
 
 relative_error = rel_err  # the one error measure (fastpeft.tools.equivalence)
-PATHS = ("lora", "dropout", "ia3_in", "ia3_out", "bias", "sparse")  # the op's terms, for make_case
 SETTINGS = CaseSettings(r=3, alpha=1.5, dropout=0.25, density=0.05)
 
 
 def cases() -> list[tuple[str, ...]]:
-    """The checked cases: each path case alone, then every case of every path together."""
+    """The checked cases: each path case alone, then every case of every path that combines with the
+    others (``combined_case``; DoRA excludes IA3 and the sparse delta, so it is checked alone) together."""
     alone = [(case,) for case in bench_cases()]
-    return alone + [tuple(case for p in DISPLAY_ORDER for case in p.bench_cases)]
+    return alone + [tuple(case for p in DISPLAY_ORDER if p.combined_case for case in p.bench_cases)]
 
 
 def make_case(paths, m=37, k=45, n=29, r=3, dtype=torch.float32, device="cpu", generator=None):
-    """Random inputs for a set of the op's paths (``PATHS``); returns (x, weight, kwargs) with grads enabled."""
-    g = generator
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
-
-    x = rnd(m, k)
-    weight = rnd(n, k, scale=k ** -0.5)
-    kw = {}
-    if "bias" in paths:
-        kw["bias"] = rnd(n)
-    if "lora" in paths:
-        kw.update(lora_A=rnd(r, k, scale=k ** -0.5), lora_B=rnd(n, r), lora_scale=0.5)
-        if "dropout" in paths:
-            kw.update(lora_dropout=0.25, dropout_seed=int(torch.randint(0, 2**40, (), generator=g)))
-    if "ia3_in" in paths:
-        kw["ia3_in"] = (1 + 0.3 * torch.randn(k, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    if "ia3_out" in paths:
-        kw["ia3_out"] = (1 + 0.3 * torch.randn(n, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    if "sparse" in paths:
-        nnz = max(1, n * k // 20)
-        kw["sparse_index"] = torch.randperm(n * k, generator=g)[:nnz].sort().values.to(device)
-        kw["sparse_value"] = rnd(nnz, scale=0.1)
-    return x, weight, kw
+    """Random inputs for a set of the op's paths (``fastpeft.tools.equivalence.PATHS``) with grads
+    enabled: (x, weight, kwargs)."""
+    x, kw = equivalence.make_case(paths, m, k, n, r, dtype=dtype, device=device, generator=generator)
+    x.requires_grad_()
+    for value in kw.values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value.requires_grad_()
+    return x, kw.pop("weight"), kw
 
 
 def _worst_error(backend: str, x: torch.Tensor, weight: torch.Tensor, kw: dict, g: torch.Generator) -> float:

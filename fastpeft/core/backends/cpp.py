@@ -59,7 +59,8 @@ def _needs_build(build_dir: str) -> bool:
     lib = os.path.join(build_dir, f"{EXTENSION_NAME}.so")
     if not os.path.exists(lib):
         return True
-    newest = max(os.path.getmtime(p) for p in glob.glob(os.path.join(CSRC, "*")))
+    compiled = [p for p in glob.glob(os.path.join(CSRC, "*")) if p.endswith((".cpp", ".h"))]  # not README.md
+    newest = max(os.path.getmtime(p) for p in compiled)
     return newest > os.path.getmtime(lib)
 
 
