@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import statistics
@@ -50,6 +51,7 @@ from fastpeft.core.ops import peft_linear
 from fastpeft.paths import CATEGORIES, DISPLAY_ORDER, CaseSettings, Path, bench_cases
 from fastpeft.reference import peft_linear as reference_peft_linear
 from fastpeft.tools.equivalence import rel_err, tolerance
+from fastpeft.tools.layer_rows import format_layer_rows, run_layer_rows
 from fastpeft.tools.machine import default_device, load_average, machine_info, versions
 from fastpeft.tools.model_bench import MODEL_METHODS, MODEL_SIZES, format_model_table, run_model_bench, write_model_plot
 from fastpeft.tools.model_zoo import SIZES as SIZES_OF_MODELS
@@ -830,6 +832,12 @@ def _run(args) -> int:
         if failed:
             print(f"\n{len(failed)} case(s) exceed the error tolerance (marked FAIL)", file=sys.stderr)
             status = 1
+        if result["settings"]["peft"] and device.type == "cpu" and importlib.util.find_spec("transformers"):
+            # GPT-2 Conv1D and embedding LoRA against peft's layers (CPU kernels; no bf16 twin on a GPU yet)
+            result["other_layers"] = run_layer_rows("tiny" if args.size == "tiny" else "default", r=args.rank,
+                                                    seed=args.seed)
+            print()
+            print(format_layer_rows(result["other_layers"]))
     else:
         result = dict(machine=machine_info(device), versions=versions(), settings={}, rows=[])
     if model_sizes:
