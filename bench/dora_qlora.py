@@ -79,20 +79,23 @@ def print_dora(rows):
               f"{row['saved_peft']:10.2f}", flush=True)
 
 
-def qlora_rows(shape, r, p, reps, with_bnb=True):
-    from peft import LoraConfig
-
+def _quant_problem(shape, r):
+    """The frozen layer (fp32, NF4, int8 copies of W), LoRA factors, x and grad_y of one shape (seed 0)."""
     m, k, n = shape
     torch.manual_seed(0)
     linear = nn.Linear(k, n).requires_grad_(False)
     w, b = linear.weight, linear.bias
     a_ = nn.Parameter(torch.randn(r, k) * k ** -0.5)
     b_ = nn.Parameter(torch.randn(n, r) * 0.02)
+    nf4, int8 = fastpeft.quantize_weight(w, "nf4"), fastpeft.quantize_weight(w, "int8")
+    return m, k, n, linear, w, b, a_, b_, nf4, int8, torch.randn(m, k, requires_grad=True), torch.randn(m, n)
+
+
+def qlora_rows(shape, r, p, reps, with_bnb=True):
+    from peft import LoraConfig
+
+    m, k, n, linear, w, b, a_, b_, nf4, int8, x, grad_y = _quant_problem(shape, r)
     scale = 2.0
-    nf4 = fastpeft.quantize_weight(w, "nf4")
-    int8 = fastpeft.quantize_weight(w, "int8")
-    x = torch.randn(m, k, requires_grad=True)
-    grad_y = torch.randn(m, n)
 
     def ours(weight):
         return lambda t: fastpeft.peft_linear(t, weight, b, lora_A=a_, lora_B=b_, lora_scale=scale, lora_dropout=p)
@@ -156,17 +159,8 @@ def qdora_rows(shape, r, p, reps, with_bnb=True):
     """DoRA over a quantized base vs DoRA over the fp32 base (fastpeft), fwd+bwd, the norm recomputed per step."""
     from peft import LoraConfig
 
-    m, k, n = shape
-    torch.manual_seed(0)
-    linear = nn.Linear(k, n).requires_grad_(False)
-    w, b = linear.weight, linear.bias
-    a_ = nn.Parameter(torch.randn(r, k) * k ** -0.5)
-    b_ = nn.Parameter(torch.randn(n, r) * 0.02)
-    nf4 = fastpeft.quantize_weight(w, "nf4")
-    int8 = fastpeft.quantize_weight(w, "int8")
+    m, k, n, linear, w, b, a_, b_, nf4, int8, x, grad_y = _quant_problem(shape, r)
     mag = nn.Parameter(nf4.dequantize().norm(dim=1))
-    x = torch.randn(m, k, requires_grad=True)
-    grad_y = torch.randn(m, n)
 
     def ours(weight, dora=True):
         extra = {"dora_magnitude": mag} if dora else {}
