@@ -306,3 +306,27 @@ def test_sparse_gradient_selection_on_conv1d_indexes_the_nk_weight():
     dense = conv.weight.detach().t().clone().reshape(-1)
     dense[layer.sparse_index] += layer.sparse_value.detach()
     assert rel_err(layer(x), x @ dense.view(conv.nf, -1).t() + conv.bias.detach()) < 1e-5
+
+
+def test_dora_on_conv1d_computes_the_weight_norm_once(monkeypatch):
+    """The op gets a fresh weight.t() view per forward; ‖W‖²_row is cached on the [K, N] Parameter it
+    views (a training step changes A and B, not W), and a view of another layout is not served it."""
+    from fastpeft.core import dora
+
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    layer = fastpeft.LoRALinear.from_linear(Conv1D(6, 5), r=2, use_dora=True)
+    calls = []
+    real = dora._row_sq_norms
+    monkeypatch.setattr(dora, "_row_sq_norms", lambda w, dt: calls.append(tuple(w.shape)) or real(w, dt))
+    x = torch.randn(3, 5)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert calls == [(6, 5)]
+    w = layer.weight  # [5, 6]
+    assert torch.allclose(dora.weight_sq_norms(w), w.detach().square().sum(1))  # not the cached view's
+    assert torch.allclose(dora.weight_sq_norms(w.t()), w.detach().square().sum(0))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-_WEIGHT_SQ_NORMS = WeakIdKeyDictionary()  # weight -> ((version, dtype, device), ‖W‖²_row in fp32/fp64)
+_WEIGHT_SQ_NORMS = WeakIdKeyDictionary()  # weight (or the tensor it views) -> (key, ‖W‖²_row in fp32/fp64)
 _NORMS = WeakIdKeyDictionary()  # lora_B -> (key of (W, A, B, s) versions and storages, n)
 
 
@@ -37,15 +37,19 @@ def _row_sq_norms(w: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def weight_sq_norms(weight: Tensor) -> Tensor:
-    """‖W‖²_row [N] in fp32 (fp64 for a fp64 weight), cached until ``weight`` changes in place."""
+    """‖W‖²_row [N] in fp32 (fp64 for a fp64 weight), cached until ``weight`` changes in place
+    (or is replaced)."""
     dtype = _accum_dtype(weight)
-    hit = _WEIGHT_SQ_NORMS.get(weight)
-    key = (weight._version, dtype, weight.device)
+    # A view (a Conv1D layer's weight.t(), made anew by every forward) is cached on the tensor it
+    # views, with its layout in the key: the same view hits, another view of that tensor does not.
+    owner = weight if weight._base is None else weight._base
+    key = (weight._version, dtype, weight.device, tuple(weight.shape), weight.stride(), weight.storage_offset())
+    hit = _WEIGHT_SQ_NORMS.get(owner)
     if hit is not None and hit[0] == key:
         return hit[1]
     with torch.no_grad():
         sq = _row_sq_norms(weight.detach(), dtype)
-    _WEIGHT_SQ_NORMS[weight] = (key, sq)
+    _WEIGHT_SQ_NORMS[owner] = (key, sq)
     return sq
 
 
