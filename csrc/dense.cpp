@@ -30,9 +30,9 @@ void bool_dispatch(bool v, F&& f) {
 
 // ---- dropout -----------------------------------------------------------------------------------
 
-// out[m, k] = (ADD ? out[m, k] : 0) + src[m, k] * (keep(m*K + k) ? scale : 0).  src may be out itself
-// (an in-place masked scale): the loop reads and writes the same index only.  A multiplication by 0,
-// not a select: NaN in a dropped element propagates, as in torch's dropout.
+// out[m, k] = (ADD ? out[m, k] : 0) + dropped(src[m, k], keep(m*K + k), scale).  src may be out itself
+// (an in-place masked scale): the loop reads and writes the same index only.  NaN in a dropped element
+// propagates, as in torch's dropout (dropout_mask.h).
 template <typename T, bool ADD>
 void masked_scale_kernel(const T* src, T* out, int64_t M, int64_t K, DropoutKey key, float scale) {
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
@@ -42,7 +42,7 @@ void masked_scale_kernel(const T* src, T* out, int64_t M, int64_t K, DropoutKey 
       T* o = out + m * K;
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) {
-        const float kept = to_float(sr[k]) * (key.keep(base + k) ? scale : 0.f);
+        const float kept = dropped(to_float(sr[k]), key.keep(base + k), scale);
         if constexpr (ADD) o[k] = static_cast<T>(to_float(o[k]) + kept);
         else o[k] = static_cast<T>(kept);
       }
@@ -76,7 +76,7 @@ void lora_down_dropout_kernel(const T* __restrict__ x, const float* __restrict__
         const T* src = x + (m0 + i) * K;
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) {
-          if constexpr (DROP) dst[k] = to_float(src[k]) * (key.keep(base + k) ? scale : 0.f);
+          if constexpr (DROP) dst[k] = dropped(to_float(src[k]), key.keep(base + k), scale);
           else dst[k] = to_float(src[k]) * scale;
         }
       }

@@ -8,8 +8,8 @@
 // The seed enters only through the round keys (k0, k1), computed once per call: nearby seeds key
 // both rounds differently, so their masks are unrelated (fastpeft/mask.py explains why the raw seed
 // must not be mixed into the counter).  offset = m * K + k in x viewed as [M, K], so the backward
-// regenerates exactly the forward's mask.  Apply it as a multiplication (x * (keep ? 1/(1-p) : 0)),
-// never a select: a NaN in a dropped element propagates, as in torch's dropout.
+// regenerates exactly the forward's mask.  Apply it with ``dropped`` below: x/(1-p) where kept,
+// x·0 where dropped, so a NaN or Inf in a dropped element propagates, as in torch's dropout.
 // Everything is plain uint32 arithmetic, which the compiler vectorises inside the loops below.
 #pragma once
 
@@ -45,5 +45,14 @@ struct DropoutKey {
   static uint32_t seed_lo(int64_t seed) { return static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFull); }
   static uint32_t seed_hi(int64_t seed) { return static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32); }
 };
+
+// One element of dropout: v·scale where kept, v·0 where dropped (NaN/Inf stay NaN, as torch's x·mask;
+// not a plain select with 0).  Both products, then a select: the compiler vectorises this blend
+// better than v·(keep ? scale : 0), whose select of the factor made a LoRA+dropout layer step
+// (512x1024x1024, r=8, fwd+bwd) 6-9% slower than p = 0; this form is within 2%.
+inline float dropped(float v, bool keep, float scale) {
+  const float kept = v * scale, zeroed = v * 0.f;
+  return keep ? kept : zeroed;
+}
 
 }  // namespace fastpeft

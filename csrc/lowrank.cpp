@@ -70,8 +70,7 @@ inline void row_to_float(const T* __restrict__ src, float* __restrict__ dst, int
                          const DropoutKey& key, float scale) {
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
-    // A multiplication by 0 (not a select): a NaN in a dropped element propagates, as in torch.
-    if constexpr (DROP) dst[k] = to_float(src[k]) * (key.keep(base + k) ? scale : 0.f);
+    if constexpr (DROP) dst[k] = dropped(to_float(src[k]), key.keep(base + k), scale);  // NaN propagates
     else dst[k] = to_float(src[k]) * scale;
   }
 }
