@@ -102,38 +102,35 @@ def _resolve(a: torch.Tensor, backend):
     return ("cpp", ops) if ops is not None else ("torch", None)
 
 
+def _product(t: torch.Tensor, qw: QuantizedWeight, forward: bool, backend: Optional[str],
+             panel_bytes: Optional[int]) -> torch.Tensor:
+    """t @ W^T (forward: t [..., K] -> [..., N]) or t @ W (t [..., N] -> [..., K]) on the chosen kernel."""
+    n, k = qw.shape if isinstance(qw, QuantizedWeight) else (None, None)
+    inner, outer = (k, n) if forward else (n, k)
+    _check(t, qw, inner, "x" if forward else "grad_y", backend, panel_bytes)
+    lead = t.shape[:-1]
+    t2 = t.detach().reshape(math.prod(lead), inner)
+    kind, kern = _resolve(t, backend)
+    if kind == "cpp":
+        run = kern.quant_linear if forward else kern.quant_linear_grad_input
+        out = run(t2, *kernel_args(qw), panel_bytes or 0)
+    elif kind == "triton":
+        out = kern.quant_matmul(t2, qw, forward)
+    else:
+        out = (_torch_linear if forward else _torch_grad_input)(t2, qw, panel_bytes or PANEL_BYTES)
+    return out.reshape(*lead, outer)
+
+
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, *, backend: Optional[str] = None,
                  panel_bytes: Optional[int] = None) -> torch.Tensor:
     """y = x @ W^T for x [..., K] and a quantized W [N, K]; y [..., N] in x's dtype (no autograd)."""
-    n, k = qw.shape if isinstance(qw, QuantizedWeight) else (None, None)
-    _check(x, qw, k, "x", backend, panel_bytes)
-    lead = x.shape[:-1]
-    x2 = x.detach().reshape(math.prod(lead), k)
-    kind, kern = _resolve(x, backend)
-    if kind == "cpp":
-        y = kern.quant_linear(x2, *kernel_args(qw), panel_bytes or 0)
-    elif kind == "triton":
-        y = kern.quant_matmul(x2, qw, True)
-    else:
-        y = _torch_linear(x2, qw, panel_bytes or PANEL_BYTES)
-    return y.reshape(*lead, n)
+    return _product(x, qw, True, backend, panel_bytes)
 
 
 def quant_linear_grad_input(grad_y: torch.Tensor, qw: QuantizedWeight, *, backend: Optional[str] = None,
                             panel_bytes: Optional[int] = None) -> torch.Tensor:
     """dX = grad_y @ W for grad_y [..., N] and a quantized W [N, K]; dX [..., K] in grad_y's dtype."""
-    n, k = qw.shape if isinstance(qw, QuantizedWeight) else (None, None)
-    _check(grad_y, qw, n, "grad_y", backend, panel_bytes)
-    lead = grad_y.shape[:-1]
-    g2 = grad_y.detach().reshape(math.prod(lead), n)
-    kind, kern = _resolve(grad_y, backend)
-    if kind == "cpp":
-        dx = kern.quant_linear_grad_input(g2, *kernel_args(qw), panel_bytes or 0)
-    elif kind == "triton":
-        dx = kern.quant_matmul(g2, qw, False)
-    else:
-        dx = _torch_grad_input(g2, qw, panel_bytes or PANEL_BYTES)
-    return dx.reshape(*lead, k)
+    return _product(grad_y, qw, False, backend, panel_bytes)
 
 
 def quant_linear_add_(out: torch.Tensor, a: torch.Tensor, qw: QuantizedWeight, *, forward: bool = True,
